@@ -1,0 +1,142 @@
+"""Command line: parse, build a config, call. Heavy imports wait until a command runs."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from .config import (
+    DEVICES,
+    MODEL_NAMES,
+    SCHEDULES,
+    ConfigError,
+    TrainConfig,
+    field_default,
+    field_help,
+)
+
+
+class _Cli(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as error:
+            # `mlflow run` made a run before starting us; leave the reason on it.
+            if os.environ.get("MLFLOW_RUN_ID"):
+                from .tracking import mark_project_run_failed
+
+                mark_project_run_failed(f"usage error: {error.format_message()}")
+            raise
+
+
+@click.group(cls=_Cli)
+@click.version_option(package_name="cifar-experiments")
+def cli() -> None:
+    """Train, track and serve CIFAR-10 classifiers with PyTorch and MLflow."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    package_log = logging.getLogger("cifar_experiments")
+    package_log.addHandler(handler)
+    package_log.setLevel(logging.INFO)
+
+
+def _option(name: str, **kwargs: Any) -> Callable:
+    """An option for a TrainConfig field: its help and default come from the config."""
+    return click.option(
+        "--" + name.replace("_", "-"),
+        name,
+        default=field_default(name),
+        show_default=field_default(name) is not None,
+        help=field_help(name),
+        **kwargs,
+    )
+
+
+def _switch(name: str) -> Callable:
+    """`--name/--no-name` for people, and `--name true|false` for MLproject parameters."""
+    flag = "--" + name.replace("_", "-")
+
+    def decorate(command: Callable) -> Callable:
+        @functools.wraps(command)
+        def merged(**options: Any) -> Any:
+            if options.pop(f"no_{name}"):
+                options[name] = False
+            return command(**options)
+
+        merged = click.option(
+            f"--no-{flag[2:]}", f"no_{name}", is_flag=True, help=f"Same as {flag} false."
+        )(merged)
+        return _option(name, type=click.BOOL, is_flag=False, flag_value=True)(merged)
+
+    return decorate
+
+
+def _empty_is_none(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    return value or None
+
+
+@cli.command()
+@_option("epochs", type=int)
+@_option("batch_size", type=int)
+@_option("lr", type=float)
+@_option("momentum", type=float)
+@_option("weight_decay", type=float)
+@_option("schedule", type=click.Choice(SCHEDULES))
+@_switch("augment")
+@_option("model", type=click.Choice(MODEL_NAMES))
+@_option("data", type=str, callback=_empty_is_none, metavar="PATH")
+@_option("val_fraction", type=float)
+@_option("seed", type=int)
+@_option("device", type=click.Choice(DEVICES))
+@_option("log_every", type=int)
+@_option("experiment_name", type=str)
+@_option("run_name", type=str, callback=_empty_is_none)
+def train(**options: Any) -> None:
+    """Train a classifier and record everything in MLflow.
+
+    Ends with the run ID, the test accuracy and the command that opens the MLflow UI.
+    """
+    try:
+        config = TrainConfig(**options)
+    except ConfigError as error:
+        raise click.BadParameter(error.message, param_hint=_hint(error.field)) from None
+
+    from . import experiment, tracking
+    from .data import DataError
+    from .engine import DeviceUnavailable
+
+    try:
+        prepared = experiment.prepare(config)
+    except DataError as error:
+        raise click.BadParameter(str(error), param_hint=_hint("data")) from None
+    except DeviceUnavailable as error:
+        raise click.BadParameter(str(error), param_hint=_hint("device")) from None
+    try:
+        summary = experiment.train(prepared)
+    except KeyboardInterrupt:
+        click.echo("Interrupted: the run is marked KILLED.", err=True)
+        sys.exit(130)
+    result = (
+        f"test accuracy {summary.test_accuracy:.2%}"
+        if summary.test_accuracy is not None
+        else "no test split"
+    )
+    click.echo(
+        f"Run {summary.run_id} finished: {result} (best epoch {summary.best_epoch}, validation "
+        f"{summary.val_accuracy:.2%}). Browse it: mlflow ui --backend-store-uri "
+        f"{tracking.tracking_uri()}"
+    )
+
+
+def _hint(field_name: str) -> str:
+    return "'--" + field_name.replace("_", "-") + "'"
+
+
+def main() -> None:
+    cli(prog_name="cifar-experiments")

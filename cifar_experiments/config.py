@@ -1,0 +1,99 @@
+"""What a training run is asked to do: one frozen, validated dataclass.
+
+Imports neither torch nor mlflow, so the CLI can check options before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_NAMES = ("tutorial",)
+SCHEDULES = ("onecycle", "cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class ConfigError(ValueError):
+    """A field holds a value training cannot use; `field` names it."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
+
+
+def _doc(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = _doc("Passes over the training split.", 10)
+    batch_size: int = _doc("Images per optimiser step.", 32)
+    lr: float = _doc("Peak learning rate of SGD.", 0.02)
+    momentum: float = _doc("SGD momentum (Nesterov when above 0).", 0.9)
+    weight_decay: float = _doc("L2 weight decay.", 1e-3)
+    schedule: str = _doc("Learning-rate schedule over the whole run.", "onecycle")
+    augment: bool = _doc("Random flips and 2-pixel translations of training batches.", True)
+    model: str = _doc("Network to train.", "tutorial")
+    data: str | None = _doc(
+        "CIFAR-10 python folder or image folder (train/<class>/*, optional test/<class>/*); "
+        "empty downloads CIFAR-10 with torchvision.",
+        None,
+    )
+    val_fraction: float = _doc(
+        "Share of training images held out, stratified, to pick the best epoch.", 0.1
+    )
+    seed: int = _doc("Seed for the split, initialisation, shuffling and augmentation.", 0)
+    device: str = _doc("Where to train; auto picks cuda, then mps, then cpu.", "auto")
+    log_every: int = _doc("Optimiser steps between points of the training-loss curve.", 50)
+    experiment_name: str = _doc(
+        "MLflow experiment (ignored under `mlflow run`, which chose one).", "cifar10"
+    )
+    run_name: str | None = _doc("MLflow run name; empty lets MLflow pick one.", None)
+
+    def __post_init__(self) -> None:
+        _at_least(self, "epochs", 1)
+        _at_least(self, "batch_size", 1)
+        _at_least(self, "log_every", 1)
+        if not self.lr > 0:
+            raise ConfigError("lr", f"must be positive, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError("momentum", f"must be in [0, 1), got {self.momentum}")
+        if not self.weight_decay >= 0:
+            raise ConfigError("weight_decay", f"must be 0 or more, got {self.weight_decay}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError("val_fraction", f"must be between 0 and 1, got {self.val_fraction}")
+        _one_of(self, "schedule", SCHEDULES)
+        _one_of(self, "model", MODEL_NAMES)
+        _one_of(self, "device", DEVICES)
+        if self.data is not None and not Path(self.data).exists():
+            raise ConfigError("data", f"{self.data} does not exist")
+        if not self.experiment_name:
+            raise ConfigError("experiment_name", "must not be empty")
+
+    def as_params(self) -> dict[str, Any]:
+        """Every field, as MLflow parameters (empty string for 'not given')."""
+        return {k: "" if v is None else v for k, v in dataclasses.asdict(self).items()}
+
+
+def field_help(name: str) -> str:
+    return TrainConfig.__dataclass_fields__[name].metadata["help"]
+
+
+def field_default(name: str) -> Any:
+    return TrainConfig.__dataclass_fields__[name].default
+
+
+def _at_least(config: TrainConfig, name: str, minimum: int) -> None:
+    value = getattr(config, name)
+    if value < minimum:
+        raise ConfigError(name, f"must be at least {minimum}, got {value}")
+
+
+def _one_of(config: TrainConfig, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(config, name)
+    if value not in choices:
+        raise ConfigError(name, f"must be one of {', '.join(choices)}; got {value!r}")

@@ -1,0 +1,324 @@
+"""Images in, uint8 tensors out: three sources, a stratified split, batches and augmentation.
+
+Everything is decoded once and held in memory as (N, 3, 32, 32) uint8; training reads
+batches by indexing that tensor, and augments whole batches with tensor operations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import pickle
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+IMAGE_SIZE = 32
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+CIFAR10_FOLDER = "cifar-10-batches-py"
+# Bump when the cached tensors' layout changes, so old caches are not read.
+CACHE_FORMAT = 1
+
+
+class DataError(ValueError):
+    """The data cannot be read; the message says what to do about it."""
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    images: torch.Tensor  # uint8, (N, 3, 32, 32)
+    labels: torch.Tensor  # int64, (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    source: str
+    classes: tuple[str, ...]
+    train: ImageSet
+    test: ImageSet | None
+
+    @cached_property
+    def digest(self) -> str:
+        """A short fingerprint of the pixels and labels, to tell datasets apart in MLflow."""
+        h = hashlib.sha256()
+        for part in (self.train, self.test):
+            if part is not None:
+                h.update(part.images.numpy().tobytes())
+                h.update(part.labels.numpy().tobytes())
+        h.update("\n".join(self.classes).encode())
+        return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifar-experiments"
+    return Path(os.environ.get("CIFAR_EXPERIMENTS_CACHE", default))
+
+
+def load_dataset(path: str | Path | None) -> Dataset:
+    """Read a CIFAR-10 python folder, an image folder, or (no path) torchvision's download."""
+    if path is None:
+        return _download_cifar10(cache_dir())
+    root = Path(path).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(f"{path} is not a directory")
+    for candidate in (root, root / CIFAR10_FOLDER):
+        if (candidate / "batches.meta").is_file():
+            return _read_cifar_python(candidate)
+    if (root / "train").is_dir():
+        return _read_image_folder(root)
+    raise DataError(
+        f"{path} holds neither a CIFAR-10 python folder ({CIFAR10_FOLDER}/ with batches.meta) "
+        "nor an image folder with train/<class>/ images"
+    )
+
+
+def decode_image(encoded: bytes) -> torch.Tensor:
+    """Any image file's bytes -> (3, 32, 32) uint8 RGB, resized when it is another size."""
+    try:
+        with Image.open(io.BytesIO(encoded)) as image:
+            rgb = image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise ValueError(f"not a readable image ({error})") from error
+    if rgb.size != (IMAGE_SIZE, IMAGE_SIZE):
+        rgb = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+
+
+def encode_png(image: torch.Tensor) -> bytes:
+    """(3, H, W) uint8 -> PNG bytes; for input examples and tests."""
+    buffer = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def stratified_split(images: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Hold out `val_fraction` of every class, the same images for the same seed."""
+    from sklearn.model_selection import train_test_split
+
+    labels = images.labels.numpy()
+    try:
+        train_idx, val_idx = train_test_split(
+            np.arange(len(labels)), test_size=val_fraction, stratify=labels, random_state=seed
+        )
+    except ValueError as error:
+        raise DataError(f"cannot hold out {val_fraction:.0%} of every class: {error}") from error
+
+    def subset(idx: np.ndarray) -> ImageSet:
+        idx = torch.from_numpy(np.sort(idx))
+        return ImageSet(images.images[idx], images.labels[idx])
+
+    return subset(train_idx), subset(val_idx)
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel mean and standard deviation of training images, on the 0-1 scale.
+
+    Computed from the training split and carried inside the logged model, so serving
+    scales pixels exactly as training did.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, images: torch.Tensor) -> Normalization:
+        pixels = images.transpose(0, 1).reshape(images.shape[1], -1).double() / 255
+        return cls(tuple(pixels.mean(dim=1).tolist()), tuple(pixels.std(dim=1).tolist()))
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, H, W) -> float32, centred and scaled per channel."""
+        shape = (1, -1, 1, 1)
+        mean = torch.tensor(self.mean, device=images.device).view(shape)
+        std = torch.tensor(self.std, device=images.device).view(shape)
+        return (images.float().div_(255) - mean) / std
+
+
+def batches(
+    images: ImageSet, batch_size: int, generator: torch.Generator | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive batches, shuffled when a generator is given."""
+    n = len(images)
+    device = images.labels.device
+    order = torch.randperm(n, generator=generator).to(device) if generator is not None else None
+    for start in range(0, n, batch_size):
+        if order is None:
+            yield (
+                images.images[start : start + batch_size],
+                images.labels[start : start + batch_size],
+            )
+        else:
+            idx = order[start : start + batch_size]
+            yield images.images[idx], images.labels[idx]
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    """Flip half the batch left-right and translate each image by up to `max_shift` pixels.
+
+    Shifts reflect at the border; everything is one gather over the batch, no per-image loop.
+    """
+    n, _, h, w = images.shape
+    draws = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator).to(images.device)
+    flips = torch.rand(n, generator=generator).to(images.device) < 0.5
+    padded = torch.nn.functional.pad(images.float(), (max_shift,) * 4, mode="reflect")
+    rows = torch.arange(h, device=images.device)[None, :] + draws[0][:, None]  # (N, H)
+    cols = torch.arange(w, device=images.device)[None, :] + draws[1][:, None]  # (N, W)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    channel = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    out = padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+    return out.to(images.dtype)
+
+
+# --- sources -------------------------------------------------------------------------------
+
+
+def _read_cifar_python(folder: Path) -> Dataset:
+    meta = _unpickle(folder / "batches.meta")
+    classes = tuple(
+        name.decode() if isinstance(name, bytes) else name for name in meta[b"label_names"]
+    )
+    train_files = sorted(folder.glob("data_batch_*"))
+    if not train_files:
+        raise DataError(f"{folder} has batches.meta but no data_batch_* files")
+    test_file = folder / "test_batch"
+    return Dataset(
+        name="cifar10",
+        source=str(folder),
+        classes=classes,
+        train=_concat([_read_cifar_batch(f) for f in train_files]),
+        test=_read_cifar_batch(test_file) if test_file.is_file() else None,
+    )
+
+
+def _read_cifar_batch(path: Path) -> ImageSet:
+    batch = _unpickle(path)
+    try:
+        pixels = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except (KeyError, ValueError) as error:
+        raise DataError(f"{path} is not a CIFAR-10 batch: {error}") from error
+    if len(pixels) != len(labels):
+        raise DataError(f"{path} has {len(pixels)} images but {len(labels)} labels")
+    return ImageSet(torch.from_numpy(pixels.copy()), torch.from_numpy(labels))
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as error:
+        raise DataError(f"cannot read {path}: {error}") from error
+
+
+def _read_image_folder(root: Path) -> Dataset:
+    classes = tuple(sorted(d.name for d in (root / "train").iterdir() if d.is_dir()))
+    if not classes:
+        raise DataError(f"{root / 'train'} has no class folders (expected train/<class>/*)")
+    train_files = _list_images(root / "train", classes)
+    if not train_files:
+        raise DataError(f"{root / 'train'} has no images (expected train/<class>/*.png or *.jpg)")
+    test_files = _list_images(root / "test", classes) if (root / "test").is_dir() else []
+    unknown = sorted({d.name for d in (root / "test").glob("*") if d.is_dir()} - set(classes))
+    if unknown:
+        raise DataError(f"{root / 'test'} has classes not in train/: {', '.join(unknown)}")
+
+    key = _files_fingerprint(root, train_files + test_files)
+    cache_file = cache_dir() / f"imagefolder-{key}.pt"
+    if cache_file.is_file():
+        cached = torch.load(cache_file, weights_only=True)
+        train = ImageSet(*cached["train"])
+        test = ImageSet(*cached["test"]) if cached["test"] is not None else None
+        log.info("Read decoded images from cache %s", cache_file)
+    else:
+        train = _decode_files(train_files, "train")
+        test = _decode_files(test_files, "test") if test_files else None
+        _save_cache(cache_file, train, test)
+    return Dataset(name=root.name, source=str(root), classes=classes, train=train, test=test)
+
+
+def _list_images(split_dir: Path, classes: tuple[str, ...]) -> list[tuple[Path, int]]:
+    files = []
+    for label, name in enumerate(classes):
+        class_dir = split_dir / name
+        if class_dir.is_dir():
+            files += [
+                (p, label)
+                for p in sorted(class_dir.iterdir())
+                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+            ]
+    return files
+
+
+def _files_fingerprint(root: Path, files: list[tuple[Path, int]]) -> str:
+    h = hashlib.sha256(f"{CACHE_FORMAT}\n{root}\n".encode())
+    for path, label in files:
+        stat = path.stat()
+        h.update(
+            f"{path.relative_to(root)}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode()
+        )
+    return h.hexdigest()[:20]
+
+
+def _decode_files(files: list[tuple[Path, int]], split: str) -> ImageSet:
+    def decode(path: Path) -> torch.Tensor:
+        try:
+            return decode_image(path.read_bytes())
+        except (OSError, ValueError) as error:
+            raise DataError(f"{path}: {error}") from error
+
+    # Pillow releases the GIL while decoding, so threads use every core.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        decoded = pool.map(decode, (p for p, _ in files), chunksize=256)
+        images = list(
+            tqdm(decoded, total=len(files), desc=f"decoding {split}", unit="img", disable=None)
+        )
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    return ImageSet(torch.stack(images), labels)
+
+
+def _save_cache(cache_file: Path, train: ImageSet, test: ImageSet | None) -> None:
+    """Best effort: a cache that cannot be written only costs the next run a decode."""
+    payload = {
+        "train": (train.images, train.labels),
+        "test": (test.images, test.labels) if test is not None else None,
+    }
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(payload, partial)
+        partial.replace(cache_file)
+    except OSError as error:
+        log.warning("Could not cache decoded images in %s: %s", cache_file.parent, error)
+
+
+def _download_cifar10(root: Path) -> Dataset:
+    from torchvision.datasets import CIFAR10
+
+    try:
+        CIFAR10(root=str(root), train=True, download=True)
+    except Exception as error:  # urllib, ssl and torchvision each raise their own kind
+        raise DataError(
+            f"could not download CIFAR-10 into {root} ({type(error).__name__}: {error}); "
+            "pass --data with a local copy (a CIFAR-10 python folder or an image folder)"
+        ) from error
+    return _read_cifar_python(root / CIFAR10_FOLDER)
+
+
+def _concat(parts: list[ImageSet]) -> ImageSet:
+    return ImageSet(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))

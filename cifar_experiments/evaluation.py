@@ -1,0 +1,119 @@
+"""Scores of a set of predictions and the pictures people look at: scikit-learn and matplotlib."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no screen needed; figures only go to files
+
+import numpy as np
+from matplotlib import pyplot as plt
+from matplotlib.figure import Figure
+from sklearn.metrics import ConfusionMatrixDisplay, classification_report, confusion_matrix
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How a model did on one split: mean loss and what it predicted for each image."""
+
+    classes: tuple[str, ...]
+    labels: np.ndarray
+    predictions: np.ndarray
+    loss: float
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.labels == self.predictions).mean())
+
+    def confusion(self) -> np.ndarray:
+        """Counts: row = true class, column = predicted class."""
+        return confusion_matrix(self.labels, self.predictions, labels=range(len(self.classes)))
+
+    def per_class_accuracy(self) -> dict[str, float]:
+        counts = self.confusion()
+        totals = counts.sum(axis=1)
+        return {
+            name: float(counts[i, i] / totals[i]) if totals[i] else float("nan")
+            for i, name in enumerate(self.classes)
+        }
+
+    def report(self) -> dict[str, Any]:
+        return classification_report(
+            self.labels,
+            self.predictions,
+            labels=range(len(self.classes)),
+            target_names=self.classes,
+            output_dict=True,
+            zero_division=0,
+        )
+
+    def report_text(self) -> str:
+        return classification_report(
+            self.labels,
+            self.predictions,
+            labels=range(len(self.classes)),
+            target_names=self.classes,
+            digits=4,
+            zero_division=0,
+        )
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numbers for a metric store: loss, accuracy, macro P/R/F1, accuracy per class."""
+        macro = self.report()["macro avg"]
+        scores = {
+            "loss": self.loss,
+            "accuracy": self.accuracy,
+            "precision_macro": macro["precision"],
+            "recall_macro": macro["recall"],
+            "f1_macro": macro["f1-score"],
+        }
+        scores.update({f"accuracy_{name}": acc for name, acc in self.per_class_accuracy().items()})
+        return scores
+
+    def confusion_json(self) -> dict[str, Any]:
+        counts = self.confusion()
+        return {
+            "classes": list(self.classes),
+            "rows": "true class",
+            "columns": "predicted class",
+            "counts": counts.tolist(),
+            "normalized": _row_normalize(counts).round(4).tolist(),
+        }
+
+    def confusion_figure(self, title: str) -> Figure:
+        counts = self.confusion()
+        fig, axes = plt.subplots(1, 2, figsize=(17, 7.5), layout="constrained")
+        for ax, values, fmt, subtitle in (
+            (axes[0], counts, "d", "counts"),
+            (axes[1], _row_normalize(counts), ".2f", "share of each true class"),
+        ):
+            ConfusionMatrixDisplay(values, display_labels=self.classes).plot(
+                ax=ax, cmap="Blues", values_format=fmt, colorbar=False, xticks_rotation=45
+            )
+            ax.set_title(subtitle)
+        fig.suptitle(f"{title}: accuracy {self.accuracy:.2%} on {len(self.labels)} images")
+        return fig
+
+
+def curves_figure(history: list[dict[str, float]]) -> Figure:
+    """Loss and accuracy per epoch, training against validation."""
+    epochs = [h["epoch"] for h in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    loss_ax.plot(epochs, [h["train/epoch_loss"] for h in history], "o-", label="train")
+    loss_ax.plot(epochs, [h["val/loss"] for h in history], "o-", label="validation")
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    acc_ax.plot(epochs, [h["train/accuracy"] for h in history], "o-", label="train")
+    acc_ax.plot(epochs, [h["val/accuracy"] for h in history], "o-", label="validation")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return fig
+
+
+def _row_normalize(counts: np.ndarray) -> np.ndarray:
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)

@@ -1,0 +1,124 @@
+"""One training run, end to end: data and model in, a tracked run and its model out."""
+
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import dataclass
+
+import mlflow
+import torch
+
+from . import data, engine, models, tracking
+from .config import TrainConfig
+from .evaluation import Evaluation, curves_figure
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything checked and loaded before a run starts, so bad input never makes a run."""
+
+    config: TrainConfig
+    dataset: data.Dataset
+    train: data.ImageSet
+    val: data.ImageSet
+    runtime: engine.Runtime
+
+
+@dataclass(frozen=True)
+class Summary:
+    run_id: str | None
+    best_epoch: int
+    val_accuracy: float
+    test_accuracy: float | None
+
+
+def prepare(config: TrainConfig) -> Prepared:
+    """Load and split the data and find the device; raises DataError or DeviceUnavailable."""
+    runtime = engine.Runtime.resolve(config.device)
+    dataset = data.load_dataset(config.data)
+    train, val = data.stratified_split(dataset.train, config.val_fraction, config.seed)
+    return Prepared(config, dataset, train, val, runtime)
+
+
+def run(prepared: Prepared, tracker: tracking.Tracker) -> Summary:
+    config, dataset = prepared.config, prepared.dataset
+    torch.manual_seed(config.seed)
+    net = models.build_model(config.model, num_classes=len(dataset.classes))
+    tracker.log_params(
+        {
+            **config.as_params(),
+            "device": str(prepared.runtime.device),
+            "parameter_count": models.parameter_count(net),
+            "train_size": len(prepared.train),
+            "val_size": len(prepared.val),
+            "test_size": len(dataset.test) if dataset.test is not None else 0,
+            "num_classes": len(dataset.classes),
+            "torch_version": torch.__version__,
+            "mlflow_version": mlflow.__version__,
+            "python_version": platform.python_version(),
+        }
+    )
+    tracker.log_dataset(dataset)
+    fit = engine.fit(
+        config, net, prepared.train, prepared.val, dataset.classes, tracker, prepared.runtime
+    )
+    tracker.log_evaluation("val", fit.best_val)
+    tracker.log_figure(curves_figure(fit.history), "training_curves.png")
+    test = None
+    if dataset.test is not None:
+        test = engine.evaluate(
+            net, dataset.test, dataset.classes, fit.normalization, prepared.runtime
+        )
+        tracker.log_metrics(
+            {f"test/{k}": v for k, v in test.metrics().items()}, step=fit.best_epoch
+        )
+        tracker.log_evaluation("test", test)
+    tracker.log_model(
+        net,
+        config.model,
+        dataset.classes,
+        fit.normalization,
+        example_png=data.encode_png(prepared.val.images[0]),
+    )
+    tracker.set_description(_description(prepared, fit, test))
+    return Summary(
+        run_id=tracker.run_id,
+        best_epoch=fit.best_epoch,
+        val_accuracy=fit.best_val.accuracy,
+        test_accuracy=test.accuracy if test is not None else None,
+    )
+
+
+def train(prepared: Prepared) -> Summary:
+    """Run inside an MLflow run that ends FINISHED, FAILED or KILLED."""
+    with tracking.mlflow_run(prepared.config) as tracker:
+        return run(prepared, tracker)
+
+
+def _description(prepared: Prepared, fit: engine.FitResult, test: Evaluation | None) -> str:
+    config, dataset = prepared.config, prepared.dataset
+    test_line = (
+        f"- **Test accuracy**: {test.accuracy:.2%} on {len(test.labels)} held-out images"
+        if test is not None
+        else "- **Test accuracy**: no test split in this data"
+    )
+    return "\n".join(
+        [
+            f"### CIFAR-10 classifier: `{config.model}`",
+            "",
+            f"- **Data**: `{dataset.source}` ({len(prepared.train)} train / "
+            f"{len(prepared.val)} validation images, digest `{dataset.digest}`)",
+            f"- **Training**: {config.epochs} epochs, batch {config.batch_size}, SGD lr "
+            f"{config.lr} ({config.schedule}), momentum {config.momentum}, weight decay "
+            f"{config.weight_decay}, augmentation {'on' if config.augment else 'off'}, "
+            f"on {prepared.runtime.device}",
+            f"- **Best epoch**: {fit.best_epoch}, validation accuracy {fit.best_val.accuracy:.2%}",
+            test_line,
+            "",
+            "Load it with `mlflow.pyfunc.load_model('runs:/<run_id>/model')`; it takes a "
+            "DataFrame column `image` of PNG or JPEG bytes.",
+        ]
+    )

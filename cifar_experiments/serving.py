@@ -1,0 +1,134 @@
+"""The logged model: encoded image files in, a class name and probabilities out.
+
+Logged as code, not as a pickle: MLflow runs `pyfunc_entry.py` with this package beside it
+(`code_paths`); the weights and a small JSON of settings (network, class names,
+normalisation) travel as the model's artifacts, so `mlflow.pyfunc.load_model` and
+`mlflow models serve` need nothing else on the path.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import importlib.metadata
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models.signature import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types.schema import ColSpec, Schema
+
+from . import data, models
+
+WEIGHTS_ARTIFACT = "weights"
+SETTINGS_ARTIFACT = "settings"
+IMAGE_COLUMN = "image"
+PREDICT_BATCH = 256
+
+
+def probability_column(class_name: str) -> str:
+    return f"prob_{class_name}"
+
+
+class CifarClassifier(mlflow.pyfunc.PythonModel):
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        config = json.loads(Path(context.artifacts[SETTINGS_ARTIFACT]).read_text())
+        self.classes = tuple(config["classes"])
+        self.normalization = data.Normalization(tuple(config["mean"]), tuple(config["std"]))
+        net = models.build_model(config["model_name"], num_classes=len(self.classes))
+        state = torch.load(
+            context.artifacts[WEIGHTS_ARTIFACT], map_location="cpu", weights_only=True
+        )
+        net.load_state_dict(state)
+        self._net = net.eval()
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> pd.DataFrame:
+        images = torch.stack(
+            [_decode(value, row) for row, value in enumerate(_column(model_input))]
+        )
+        probabilities = (
+            torch.cat([self._probabilities(chunk) for chunk in images.split(PREDICT_BATCH)])
+            if len(images)
+            else torch.empty(0, len(self.classes))
+        )
+        return self._rows(probabilities)
+
+    @torch.no_grad()
+    def _probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        return models.predict_log_proba(self._net, self.normalization(images)).exp()
+
+    def _rows(self, probabilities: torch.Tensor) -> pd.DataFrame:
+        score, index = probabilities.max(dim=1)
+        frame = pd.DataFrame(
+            {
+                "label": [self.classes[i] for i in index.tolist()],
+                "class_index": index.numpy().astype("int64"),
+                "score": score.double().numpy(),
+            }
+        )
+        for i, name in enumerate(self.classes):
+            frame[probability_column(name)] = probabilities[:, i].double().numpy()
+        return frame
+
+
+def settings(
+    model_name: str, classes: tuple[str, ...], normalization: data.Normalization
+) -> dict[str, Any]:
+    """What `load_context` needs besides the weights."""
+    return {
+        "model_name": model_name,
+        "classes": list(classes),
+        "mean": list(normalization.mean),
+        "std": list(normalization.std),
+    }
+
+
+def signature(classes: tuple[str, ...]) -> ModelSignature:
+    outputs = [
+        ColSpec("string", "label"),
+        ColSpec("long", "class_index"),
+        ColSpec("double", "score"),
+    ]
+    outputs += [ColSpec("double", probability_column(name)) for name in classes]
+    return ModelSignature(inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]), outputs=Schema(outputs))
+
+
+def example_input(encoded_image: bytes) -> pd.DataFrame:
+    return pd.DataFrame({IMAGE_COLUMN: [encoded_image]})
+
+
+def pip_requirements() -> list[str]:
+    """What the served model imports, pinned to the versions it was trained with."""
+    names = ["mlflow", "torch", "numpy", "pandas", "pillow", "tqdm"]
+    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in names]
+
+
+def _column(model_input: pd.DataFrame) -> pd.Series:
+    if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
+        columns = list(getattr(model_input, "columns", []))
+        raise _bad_input(f"expected a column {IMAGE_COLUMN!r} of encoded images, got {columns}")
+    return model_input[IMAGE_COLUMN]
+
+
+def _decode(value: Any, row: int) -> torch.Tensor:
+    if isinstance(value, str):
+        # `inputs` bodies reach the model as base64 text; dataframe bodies arrive decoded.
+        try:
+            value = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise _bad_input(f"row {row}: a string must be a base64-encoded image") from None
+    if not isinstance(value, bytes | bytearray):
+        raise _bad_input(f"row {row}: expected image bytes, got {type(value).__name__}")
+    try:
+        return data.decode_image(bytes(value))
+    except ValueError as error:
+        raise _bad_input(f"row {row}: {error}") from None
+
+
+def _bad_input(message: str) -> MlflowException:
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
