@@ -1,0 +1,84 @@
+"""Shared fixtures: a temporary MLflow store and decode cache per test, and tiny datasets."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+CLASSES = ("cat", "dog", "frog")
+TRAIN_PER_CLASS = 10
+TEST_PER_CLASS = 4
+
+
+@pytest.fixture(autouse=True)
+def tracking_store(tmp_path_factory, monkeypatch):
+    """A fresh SQLite store per test; fails the test if it leaves a run active."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("CIFAR_EXPERIMENTS_CACHE", str(root / "cache"))
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    active = mlflow.active_run()
+    mlflow.end_run()
+    assert active is None, f"run {active.info.run_id} was left active"
+
+
+def synthetic_images(n: int, label: int, seed: int) -> np.ndarray:
+    """(n, 32, 32, 3) uint8: a class colour plus noise, so a few steps can learn something."""
+    rng = np.random.default_rng(seed)
+    colour = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]][label % 3], dtype=np.int16)
+    noise = rng.integers(-40, 40, size=(n, 32, 32, 3))
+    return np.clip(colour + noise, 0, 255).astype(np.uint8)
+
+
+def encode(array: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """train/<class>/*.png and test/<class>/*.jpg, the layout of the shared CIFAR-10 copy."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    for split, count, fmt, ext in (
+        ("train", TRAIN_PER_CLASS, "PNG", "png"),
+        ("test", TEST_PER_CLASS, "JPEG", "jpg"),
+    ):
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i, image in enumerate(synthetic_images(count, label, seed=label + len(split))):
+                (folder / f"{i:04d}.{ext}").write_bytes(encode(image, fmt))
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_python_folder(tmp_path_factory) -> Path:
+    """A parent folder holding cifar-10-batches-py/ in CIFAR's pickle layout."""
+    root = tmp_path_factory.mktemp("cifar")
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+
+    def write_batch(name: str, per_class: int, seed: int) -> None:
+        images = [synthetic_images(per_class, label, seed + label) for label in range(3)]
+        pixels = np.concatenate(images).transpose(0, 3, 1, 2).reshape(3 * per_class, -1)
+        labels = [label for label in range(3) for _ in range(per_class)]
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": pixels, b"labels": labels}, f)
+
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [name.encode() for name in CLASSES]}, f)
+    write_batch("data_batch_1", TRAIN_PER_CLASS // 2, seed=0)
+    write_batch("data_batch_2", TRAIN_PER_CLASS // 2, seed=10)
+    write_batch("test_batch", TEST_PER_CLASS, seed=20)
+    return root

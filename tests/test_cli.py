@@ -1,0 +1,199 @@
+"""The `train` command as a user meets it: what lands in MLflow, and what bad input gets."""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from conftest import CLASSES, encode, synthetic_images
+
+from cifar_experiments import engine
+from cifar_experiments.cli import cli
+
+
+def train(*args: str) -> object:
+    return CliRunner().invoke(cli, ["train", *args], catch_exceptions=False)
+
+
+def all_runs() -> pd.DataFrame:
+    return mlflow.search_runs(search_all_experiments=True)
+
+
+def artifact_paths(client: mlflow.MlflowClient, run_id: str, path: str = "") -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+@pytest.fixture(scope="module")
+def finished_run(image_folder, tmp_path_factory):
+    """One real training on tiny data into its own store, shared by the checks below."""
+    store = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", store)
+        mp.setenv("CIFAR_EXPERIMENTS_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mlflow.set_tracking_uri(store)
+        result = train("--epochs", "2", "--batch-size", "8", "--log-every", "1",
+                       "--data", str(image_folder), "--experiment-name", "tiny",
+                       "--run-name", "first")  # fmt: skip
+        assert result.exit_code == 0, result.output
+        run = mlflow.search_runs(experiment_names=["tiny"], output_format="list")[0]
+    return result, mlflow.MlflowClient(store), run.info.run_id
+
+
+@pytest.fixture
+def in_finished_store(finished_run, monkeypatch):
+    """Point MLflow's fluent API at the store of `finished_run` for one test."""
+    store = finished_run[1].tracking_uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    mlflow.set_tracking_uri(store)
+    return finished_run
+
+
+def test_closing_line_names_run_accuracy_and_ui_command(finished_run):
+    result, _, run_id = finished_run
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith(f"Run {run_id} finished: test accuracy ")
+    assert "mlflow ui --backend-store-uri sqlite:////" in last
+
+
+def test_run_is_finished_with_every_param(finished_run):
+    _, client, run_id = finished_run
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "first"
+    params = run.data.params
+    assert params["epochs"] == "2" and params["batch_size"] == "8" and params["augment"] == "True"
+    for derived in ("device", "parameter_count", "train_size", "val_size", "test_size",
+                    "torch_version", "seed", "num_classes"):  # fmt: skip
+        assert derived in params, derived
+    assert params["parameter_count"] == str(62006 - 7 * 85)  # 3 classes, not 10
+    assert (params["train_size"], params["val_size"], params["test_size"]) == ("27", "3", "12")
+
+
+def test_metric_histories_have_steps(finished_run):
+    _, client, run_id = finished_run
+    history = lambda name: [(m.step, m.value) for m in client.get_metric_history(run_id, name)]  # noqa: E731
+    assert [s for s, _ in history("train/loss")] == list(range(1, 9))  # 27 images / 8 = 4 a epoch
+    for name in ("train/epoch_loss", "train/accuracy", "val/loss", "val/accuracy", "train/lr",
+                 "train/epoch_seconds", "train/images_per_second", "val/accuracy_cat"):  # fmt: skip
+        assert [s for s, _ in history(name)] == [1, 2], name
+    for name in ("test/loss", "test/accuracy", "test/precision_macro", "test/recall_macro",
+                 "test/f1_macro", *(f"test/accuracy_{c}" for c in CLASSES)):  # fmt: skip
+        assert len(history(name)) == 1, name
+
+
+def test_artifacts_model_dataset_and_description(in_finished_store):
+    _, client, run_id = in_finished_store
+    paths = artifact_paths(client, run_id)
+    for split in ("val", "test"):
+        for name in ("confusion_matrix.png", "confusion_matrix.json",
+                     "classification_report.txt", "classification_report.json"):  # fmt: skip
+            assert f"evaluation/{split}/{name}" in paths
+    assert {"training_curves.png", "cifar_net.pth"} <= paths
+    info = mlflow.models.get_model_info(f"runs:/{run_id}/model")
+    assert "python_function" in info.flavors and info.name == "model"
+    run = client.get_run(run_id)
+    assert "Test accuracy" in run.data.tags["mlflow.note.content"]
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "imagefolder0"
+    assert len(dataset_input.dataset.digest) == 16
+
+
+def test_logged_model_labels_png_and_jpeg_bytes(in_finished_store):
+    _, _, run_id = in_finished_store
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    images = synthetic_images(2, 2, 99)
+    frame = pd.DataFrame({"image": [encode(images[0], "PNG"), encode(images[1], "JPEG")]})
+    out = model.predict(frame)
+    assert list(out.columns[:3]) == ["label", "class_index", "score"]
+    assert set(out["label"]) <= set(CLASSES)
+    probabilities = out[[f"prob_{c}" for c in CLASSES]].to_numpy()
+    assert probabilities.sum(axis=1) == pytest.approx([1.0, 1.0])
+    assert (out["score"].to_numpy() == probabilities.max(axis=1)).all()
+    signature = model.metadata.signature
+    assert signature.inputs.input_names() == ["image"]
+
+
+def test_tutorial_weights_file_loads_into_the_tutorial_net(in_finished_store):
+    import torch
+
+    from cifar_experiments.models import Net
+
+    _, _, run_id = in_finished_store
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="cifar_net.pth")
+    Net(num_classes=3).load_state_dict(torch.load(path, weights_only=True))
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["--epochs", "0"], "--epochs"),
+        (["--lr", "-0.1"], "--lr"),
+        (["--model", "resnet"], "--model"),
+        (["--val-fraction", "1"], "--val-fraction"),
+        (["--data", "/no/such/folder"], "--data"),
+        (["--batch-size", "many"], "--batch-size"),
+        (["--device", "tpu"], "--device"),
+        (["--augment", "perhaps"], "--augment"),
+    ],
+)
+def test_bad_values_are_usage_errors_and_make_no_run(args, option):
+    result = CliRunner().invoke(cli, ["train", *args])
+    assert result.exit_code == 2, result.output
+    assert option in result.output and "Traceback" not in result.output
+    assert all_runs().empty
+
+
+def test_folder_without_images_is_a_usage_error(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    result = CliRunner().invoke(cli, ["train", "--data", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "--data" in result.output and "no images" in result.output
+    assert all_runs().empty
+
+
+def test_missing_cuda_is_a_usage_error(image_folder, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    result = CliRunner().invoke(cli, ["train", "--device", "cuda", "--data", str(image_folder)])
+    assert result.exit_code == 2 and "--device" in result.output
+    assert all_runs().empty
+
+
+def test_no_augment_flag(image_folder):
+    result = train("--epochs", "1", "--no-augment", "--data", str(image_folder))
+    assert result.exit_code == 0, result.output
+    assert all_runs()["params.augment"].tolist() == ["False"]
+
+
+def test_ctrl_c_marks_the_run_killed(image_folder, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "fit", interrupted)
+    result = CliRunner().invoke(cli, ["train", "--data", str(image_folder)])
+    assert result.exit_code == 130
+    assert all_runs()["status"].tolist() == ["KILLED"]
+
+
+def test_exception_marks_the_run_failed_with_the_message(image_folder, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(engine, "fit", broken)
+    result = CliRunner().invoke(cli, ["train", "--data", str(image_folder)])
+    assert result.exit_code != 0
+    runs = all_runs()
+    assert runs["status"].tolist() == ["FAILED"]
+    assert "CUDA out of memory" in runs["tags.error"].iloc[0]
+
+
+def test_help_documents_every_option():
+    result = CliRunner().invoke(cli, ["train", "--help"])
+    for option in ("--epochs", "--batch-size", "--lr", "--momentum", "--weight-decay",
+                   "--schedule", "--augment", "--no-augment", "--model", "--data",
+                   "--val-fraction", "--seed", "--device", "--log-every",
+                   "--experiment-name", "--run-name"):  # fmt: skip
+        assert option in result.output, option

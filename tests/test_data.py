@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from conftest import CLASSES, TEST_PER_CLASS, TRAIN_PER_CLASS, encode, synthetic_images
+
+from cifar_experiments import data
+
+
+def test_torchvision_imports_with_the_installed_torch():
+    # A torch/torchvision mismatch fails here ("operator torchvision::nms does not exist").
+    import torchvision
+    from torchvision.datasets import CIFAR10  # noqa: F401
+
+    assert torchvision.__version__
+
+
+def test_image_folder_is_read_as_uint8_tensors(image_folder):
+    dataset = data.load_dataset(image_folder)
+    assert dataset.classes == CLASSES
+    assert dataset.train.images.shape == (3 * TRAIN_PER_CLASS, 3, 32, 32)
+    assert dataset.train.images.dtype == torch.uint8
+    assert dataset.train.labels.tolist() == [i for i in range(3) for _ in range(TRAIN_PER_CLASS)]
+    assert dataset.test is not None and len(dataset.test) == 3 * TEST_PER_CLASS
+    first = synthetic_images(TRAIN_PER_CLASS, 0, seed=len("train"))[0]
+    assert torch.equal(dataset.train.images[0], torch.from_numpy(first).permute(2, 0, 1))
+
+
+def test_image_folder_decode_is_cached(image_folder, monkeypatch):
+    first = data.load_dataset(image_folder)
+    monkeypatch.setattr(data, "_decode_files", lambda *a: pytest.fail("decoded again"))
+    second = data.load_dataset(image_folder)
+    assert torch.equal(first.train.images, second.train.images)
+    assert first.digest == second.digest
+
+
+def test_cifar_python_folder_and_its_parent_are_both_accepted(cifar_python_folder):
+    for path in (cifar_python_folder, cifar_python_folder / data.CIFAR10_FOLDER):
+        dataset = data.load_dataset(path)
+        assert dataset.classes == CLASSES
+        assert len(dataset.train) == 3 * TRAIN_PER_CLASS  # two batch files, concatenated
+        assert dataset.test is not None and len(dataset.test) == 3 * TEST_PER_CLASS
+
+
+def test_truncated_cifar_batch_is_a_clear_error(cifar_python_folder, tmp_path):
+    broken = tmp_path / data.CIFAR10_FOLDER
+    broken.mkdir()
+    for name in ("batches.meta", "data_batch_1"):
+        (broken / name).write_bytes((cifar_python_folder / data.CIFAR10_FOLDER / name).read_bytes())
+    (broken / "data_batch_2").write_bytes(pickle.dumps({b"data": b"x"})[:10])
+    with pytest.raises(data.DataError, match="data_batch_2"):
+        data.load_dataset(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ({}, "neither a CIFAR-10 python folder"),
+        ({"train/cat/readme.txt": b"no images"}, "has no images"),
+        ({"train/.keep": b""}, "no class folders"),
+        ({"train/cat/a.png": "png", "test/cow/b.png": "png"}, "classes not in train/: cow"),
+        ({"train/cat/a.png": b"not really a png"}, "a.png: not a readable image"),
+    ],
+)
+def test_unusable_folders_are_clear_errors(tmp_path, layout, message):
+    for relative, content in layout.items():
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(
+            encode(synthetic_images(1, 0, 0)[0], "PNG") if content == "png" else content
+        )
+    with pytest.raises(data.DataError, match=message):
+        data.load_dataset(tmp_path)
+
+
+def test_download_failure_says_to_pass_data(monkeypatch, tmp_path):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(data.DataError, match="pass --data") as raised:
+        data.load_dataset(None)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_decode_image_gives_32x32_rgb_from_any_size_and_mode(mode, fmt):
+    from PIL import Image
+
+    image = Image.fromarray(synthetic_images(1, 1, 0)[0]).resize((71, 45)).convert(mode)
+    if fmt == "JPEG" and mode in ("RGBA", "P"):
+        image = image.convert("RGB")
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    decoded = data.decode_image(buffer.getvalue())
+    assert decoded.shape == (3, 32, 32) and decoded.dtype == torch.uint8
+
+
+def test_decode_image_rejects_non_images():
+    with pytest.raises(ValueError, match="not a readable image"):
+        data.decode_image(b"GIF89a but then nothing")
+
+
+def _labelled(counts: list[int]) -> data.ImageSet:
+    labels = torch.tensor([c for c, n in enumerate(counts) for _ in range(n)])
+    images = torch.arange(len(labels), dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 32, 32)
+    return data.ImageSet(images.contiguous(), labels)
+
+
+def test_split_is_stratified_reproducible_and_disjoint():
+    images = _labelled([100, 50, 30])
+    train, val = data.stratified_split(images, 0.2, seed=7)
+    assert torch.bincount(val.labels).tolist() == [20, 10, 6]
+    again_train, again_val = data.stratified_split(images, 0.2, seed=7)
+    assert torch.equal(val.images, again_val.images) and torch.equal(
+        train.labels, again_train.labels
+    )
+    _, other_val = data.stratified_split(images, 0.2, seed=8)
+    assert not torch.equal(val.images, other_val.images)
+    ids = lambda s: set(s.images[:, 0, 0, 0].tolist())  # noqa: E731
+    assert ids(train).isdisjoint(ids(val)) and len(ids(train) | ids(val)) == len(images)
+
+
+def test_split_too_small_for_every_class_is_a_clear_error():
+    with pytest.raises(data.DataError, match="every class"):
+        data.stratified_split(_labelled([2, 2, 2]), 0.1, seed=0)
+
+
+def test_augment_keeps_shape_dtype_and_only_moves_pixels():
+    images = torch.from_numpy(synthetic_images(64, 0, 3)).permute(0, 3, 1, 2).contiguous()
+    out = data.augment(images, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert not torch.equal(out, images)
+    # The centre survives any shift of at most 2 pixels, possibly mirrored.
+    centre = images[:, :, 8:24, 8:24]
+    moved = [out[i] for i in range(64)]
+    for i in range(64):
+        window = [
+            moved[i][:, 8 + dy : 24 + dy, 8 + dx : 24 + dx]
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+        ]
+        assert any(torch.equal(w, centre[i]) or torch.equal(w.flip(-1), centre[i]) for w in window)
+
+
+def test_batches_cover_every_image_once():
+    images = _labelled([7, 6])
+    seen = torch.cat([labels for _, labels in data.batches(images, 4, torch.Generator())])
+    assert sorted(seen.tolist()) == sorted(images.labels.tolist())
+
+
+def test_normalization_centres_training_pixels():
+    images = torch.from_numpy(synthetic_images(50, 1, 1)).permute(0, 3, 1, 2).contiguous()
+    norm = data.Normalization.of(images)
+    x = norm(images)
+    assert np.allclose(x.mean(dim=(0, 2, 3)).numpy(), 0, atol=1e-4)
+    assert np.allclose(x.std(dim=(0, 2, 3)).numpy(), 1, atol=1e-2)

@@ -1,0 +1,103 @@
+"""The project as `mlflow run` and a newcomer meet it: MLproject, conda.yaml, README, CI."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from cifar_experiments.cli import train
+from cifar_experiments.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def entry_point() -> dict:
+    return yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["main"]
+
+
+def test_mlproject_parameters_are_the_cli_options_with_the_same_defaults():
+    parameters = entry_point()["parameters"]
+    options = {p.name: p for p in train.params if p.name not in ("no_augment", "help")}
+    assert set(parameters) == set(options)
+    for name, spec in parameters.items():
+        default = TrainConfig.__dataclass_fields__[name].default
+        expected = (
+            ""
+            if default is None
+            else str(default).lower()
+            if isinstance(default, bool)
+            else default
+        )
+        assert spec["default"] == expected, name
+        assert f"--{name.replace('_', '-')} {{{name}}}" in entry_point()["command"], name
+
+
+def test_conda_env_installs_what_the_package_needs():
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())["dependencies"]
+    pip = next(d["pip"] for d in conda if isinstance(d, dict))
+    package = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert sorted(pip) == sorted(package)
+    assert "python=3.11" in conda
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    test_command = ci[-1]
+    assert "pytest" in test_command and test_command in readme
+
+
+def project_env(tracking_store: str) -> dict[str, str]:
+    """`mlflow run --env-manager local` starts `python`: make it this interpreter."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return {**os.environ, "MLFLOW_TRACKING_URI": tracking_store, "PATH": path}
+
+
+@pytest.mark.slow
+def test_mlflow_run_trains_into_the_run_it_made(image_folder, tracking_store, tmp_path):
+    """End to end, as a user types it; lr spelt differently from how we would log it."""
+    env = project_env(tracking_store)
+    command = [
+        sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
+        "--experiment-name", "project", "-P", "epochs=1", "-P", "lr=2e-2",
+        "-P", "batch_size=8", "-P", f"data={image_folder}", "-P", "augment=false",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert len(runs) == 1, "the CLI must fill in the run `mlflow run` made, not start another"
+    (run,) = runs
+    assert run.info.status == "FINISHED"
+    assert run.data.params["lr"] == "2e-2"  # as `mlflow run` logged it
+    assert run.data.params["augment"] == "false"
+    assert run.data.params["parameter_count"] == str(62006 - 7 * 85)
+    assert "test/accuracy" in run.data.metrics
+    assert re.search(rf"Run {run.info.run_id} finished: test accuracy", done.stdout)
+
+
+@pytest.mark.slow
+def test_mlflow_run_with_a_bad_value_fails_its_run_with_the_message(tracking_store, tmp_path):
+    env = project_env(tracking_store)
+    command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
+               "-P", "epochs=0"]  # fmt: skip
+    done = subprocess.run(
+        command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0
+    assert (
+        "Invalid value for '--epochs'" in done.stderr
+        and "Traceback" not in done.stderr.split("mlflow.exceptions")[0]
+    )
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FAILED"
+    assert "--epochs" in run.data.tags["error"]
