@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import mlflow
 import pandas as pd
 import pytest
 from click.testing import CliRunner
 from conftest import CLASSES, encode, synthetic_images
 
+import cifar_experiments
 from cifar_experiments import engine
 from cifar_experiments.cli import cli
 
@@ -197,3 +201,30 @@ def test_help_documents_every_option():
                    "--val-fraction", "--seed", "--device", "--log-every",
                    "--experiment-name", "--run-name"):  # fmt: skip
         assert option in result.output, option
+
+
+def test_logged_model_loads_with_only_the_code_it_carries(in_finished_store, tmp_path):
+    """Hide this checkout and its editable install; the model must bring its own code."""
+    import subprocess
+    import sys
+
+    _, client, run_id = in_finished_store
+    script = f"""
+import sys
+sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+sys.path = [p for p in sys.path if p.rstrip("/") != "{Path(cifar_experiments.__file__).parents[1]}"]
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model("runs:/{run_id}/model")
+import cifar_experiments
+assert "/code/cifar_experiments" in cifar_experiments.__file__, cifar_experiments.__file__
+print(model.predict(pd.DataFrame({{"image": [open(sys.argv[1], "rb").read()]}}))["label"][0])
+"""
+    image = tmp_path / "frog.png"
+    image.write_bytes(encode(synthetic_images(1, 2, 5)[0], "PNG"))
+    env = {"MLFLOW_TRACKING_URI": client.tracking_uri, "PATH": os.environ["PATH"]}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(image)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] in CLASSES
