@@ -33,7 +33,7 @@ class TrainConfig:
     epochs: int = _doc("Passes over the training split.", 10)
     batch_size: int = _doc("Images per optimiser step.", 32)
     lr: float = _doc("Peak learning rate of SGD.", 0.02)
-    momentum: float = _doc("SGD momentum (Nesterov when above 0).", 0.9)
+    momentum: float = _doc("SGD momentum.", 0.9)
     weight_decay: float = _doc("L2 weight decay.", 1e-3)
     schedule: str = _doc("Learning-rate schedule over the whole run.", "onecycle")
     augment: bool = _doc("Random flips and 2-pixel translations of training batches.", True)

@@ -116,7 +116,6 @@ def fit(
         model.parameters(),
         lr=config.lr,
         momentum=config.momentum,
-        nesterov=config.momentum > 0,
         weight_decay=config.weight_decay,
     )
     total_steps = config.epochs * math.ceil(len(train_set) / config.batch_size)
