@@ -101,12 +101,15 @@ class Evaluation:
 def curves_figure(history: list[dict[str, float]]) -> Figure:
     """Loss and accuracy per epoch, training against validation."""
     epochs = [h["epoch"] for h in history]
+    # Training numbers come from augmented batches as the weights move; validation from a
+    # fixed model with flip averaging, which is why it can sit above training.
+    train_label, val_label = "train (augmented batches, during the epoch)", "validation"
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
-    loss_ax.plot(epochs, [h["train/epoch_loss"] for h in history], "o-", label="train")
-    loss_ax.plot(epochs, [h["val/loss"] for h in history], "o-", label="validation")
+    loss_ax.plot(epochs, [h["train/epoch_loss"] for h in history], "o-", label=train_label)
+    loss_ax.plot(epochs, [h["val/loss"] for h in history], "o-", label=val_label)
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    acc_ax.plot(epochs, [h["train/accuracy"] for h in history], "o-", label="train")
-    acc_ax.plot(epochs, [h["val/accuracy"] for h in history], "o-", label="validation")
+    acc_ax.plot(epochs, [h["train/accuracy"] for h in history], "o-", label=train_label)
+    acc_ax.plot(epochs, [h["val/accuracy"] for h in history], "o-", label=val_label)
     acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)

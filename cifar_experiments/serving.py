@@ -48,15 +48,12 @@ class CifarClassifier(mlflow.pyfunc.PythonModel):
         self._net = net.eval()
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> pd.DataFrame:
-        images = torch.stack(
-            [_decode(value, row) for row, value in enumerate(_column(model_input))]
-        )
-        probabilities = (
-            torch.cat([self._probabilities(chunk) for chunk in images.split(PREDICT_BATCH)])
-            if len(images)
-            else torch.empty(0, len(self.classes))
-        )
-        return self._rows(probabilities)
+        images = [_decode(value, row) for row, value in enumerate(_column(model_input))]
+        chunks = [
+            self._probabilities(torch.stack(images[i : i + PREDICT_BATCH]))
+            for i in range(0, len(images), PREDICT_BATCH)
+        ]
+        return self._rows(torch.cat(chunks) if chunks else torch.empty(0, len(self.classes)))
 
     @torch.no_grad()
     def _probabilities(self, images: torch.Tensor) -> torch.Tensor:

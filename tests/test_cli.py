@@ -228,3 +228,13 @@ print(model.predict(pd.DataFrame({{"image": [open(sys.argv[1], "rb").read()]}}))
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] in CLASSES
+
+
+def test_logged_model_answers_bad_input_with_a_clear_error(in_finished_store):
+    from mlflow.exceptions import MlflowException
+
+    _, _, run_id = in_finished_store
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    assert model.predict(pd.DataFrame({"image": pd.Series([], dtype=object)})).empty
+    with pytest.raises(MlflowException, match="row 1: not a readable image"):
+        model.predict(pd.DataFrame({"image": [encode(synthetic_images(1, 0, 0)[0], "PNG"), b"x"]}))
