@@ -7,9 +7,12 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from . import registry
 
 from .config import (
     DEVICES,
@@ -97,6 +100,8 @@ def _empty_is_none(ctx: click.Context, param: click.Parameter, value: str | None
 @_option("log_every", type=int)
 @_option("experiment_name", type=str)
 @_option("run_name", type=str, callback=_empty_is_none)
+@_switch("register")
+@_option("model_name", type=str)
 def train(**options: Any) -> None:
     """Train a classifier and record everything in MLflow.
 
@@ -127,10 +132,46 @@ def train(**options: Any) -> None:
         if summary.test_accuracy is not None
         else "no test split"
     )
+    if summary.registration is not None:
+        _echo_registration(summary.registration)
     click.echo(
         f"Run {summary.run_id} finished: {result} (best epoch {summary.best_epoch}, validation "
         f"{summary.val_accuracy:.2%}). Browse it: mlflow ui --backend-store-uri "
         f"{tracking.tracking_uri()}"
+    )
+
+
+@cli.command()
+@click.option(
+    "--experiment",
+    default=field_default("experiment_name"),
+    show_default=True,
+    help="Experiment whose best finished run (by validation accuracy) is registered.",
+)
+@click.option("--model-name", default=field_default("model_name"), show_default=True,
+              help=field_help("model_name"))  # fmt: skip
+def register(experiment: str, model_name: str) -> None:
+    """Register the best finished run of an experiment, as training does.
+
+    For runs trained with --no-register or by someone else: it becomes a new version, and
+    `champion` moves to it only if its validation accuracy beats the champion's.
+    """
+    from . import registry
+
+    try:
+        run_id = registry.best_finished_run(experiment)
+        registration = registry.register_run(run_id, model_name)
+    except registry.RegistryError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"Best run of {experiment!r}: {run_id}")
+    _echo_registration(registration)
+
+
+def _echo_registration(registration: registry.Registration) -> None:
+    click.echo(
+        f"Registered {registration.name} version {registration.version}; {registration.message}. "
+        f"Serve it: mlflow models serve -m models:/{registration.name}@champion "
+        "--env-manager local -p 5001"
     )
 
 

@@ -53,6 +53,12 @@ class TrainConfig:
         "MLflow experiment (ignored under `mlflow run`, which chose one).", "cifar10"
     )
     run_name: str | None = _doc("MLflow run name; empty lets MLflow pick one.", None)
+    register: bool = _doc(
+        "Register the model as a new version and move the `champion` alias to it when its "
+        "validation accuracy beats the champion's.",
+        True,
+    )
+    model_name: str = _doc("Registered model name.", "cifar10-classifier")
 
     def __post_init__(self) -> None:
         _at_least(self, "epochs", 1)
@@ -71,8 +77,9 @@ class TrainConfig:
         _one_of(self, "device", DEVICES)
         if self.data is not None and not Path(self.data).exists():
             raise ConfigError("data", f"{self.data} does not exist")
-        if not self.experiment_name:
-            raise ConfigError("experiment_name", "must not be empty")
+        for name in ("experiment_name", "model_name"):
+            if not getattr(self, name).strip():
+                raise ConfigError(name, "must not be empty")
 
     def as_params(self) -> dict[str, Any]:
         """Every field, as MLflow parameters (empty string for 'not given')."""

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlflow
 import torch
 
-from . import data, engine, models, tracking
+from . import data, engine, models, registry, tracking
 from .config import TrainConfig
 from .evaluation import Evaluation, curves_figure
 
@@ -33,6 +33,7 @@ class Summary:
     best_epoch: int
     val_accuracy: float
     test_accuracy: float | None
+    registration: registry.Registration | None = None
 
 
 def prepare(config: TrainConfig) -> Prepared:
@@ -65,6 +66,7 @@ def run(prepared: Prepared, tracker: tracking.Tracker) -> Summary:
     fit = engine.fit(
         config, net, prepared.train, prepared.val, dataset.classes, tracker, prepared.runtime
     )
+    tracker.log_metrics({tracking.BEST_VAL_METRIC: fit.best_val.accuracy}, step=fit.best_epoch)
     tracker.log_evaluation("val", fit.best_val)
     tracker.log_figure(curves_figure(fit.history), "training_curves.png")
     test = None
@@ -93,9 +95,14 @@ def run(prepared: Prepared, tracker: tracking.Tracker) -> Summary:
 
 
 def train(prepared: Prepared) -> Summary:
-    """Run inside an MLflow run that ends FINISHED, FAILED or KILLED."""
+    """Run inside an MLflow run that ends FINISHED, FAILED or KILLED; then register it."""
     with tracking.mlflow_run(prepared.config) as tracker:
-        return run(prepared, tracker)
+        summary = run(prepared, tracker)
+    if not prepared.config.register or summary.run_id is None:
+        return summary
+    return replace(
+        summary, registration=registry.register_run(summary.run_id, prepared.config.model_name)
+    )
 
 
 def _description(prepared: Prepared, fit: engine.FitResult, test: Evaluation | None) -> str:

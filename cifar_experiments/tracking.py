@@ -31,6 +31,8 @@ from .evaluation import Evaluation
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "cifar_net.pth"
+# The run-level figure that model selection reads: validation accuracy of the best epoch.
+BEST_VAL_METRIC = "val/best_accuracy"
 MODEL_NAME = "model"
 # Set by `mlflow run` for the process it starts: the run it made for us to fill in.
 PROJECT_RUN_ENV = "MLFLOW_RUN_ID"

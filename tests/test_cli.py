@@ -58,7 +58,7 @@ def in_finished_store(finished_run, monkeypatch):
 
 def test_closing_line_names_run_accuracy_and_ui_command(finished_run):
     result, _, run_id = finished_run
-    last = result.output.strip().splitlines()[-1]
+    last = result.stdout.strip().splitlines()[-1]
     assert last.startswith(f"Run {run_id} finished: test accuracy ")
     assert "mlflow ui --backend-store-uri sqlite:////" in last
 

@@ -19,13 +19,13 @@ from cifar_experiments.config import TrainConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def entry_point() -> dict:
-    return yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["main"]
+def entry_point(name: str = "main") -> dict:
+    return yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][name]
 
 
 def test_mlproject_parameters_are_the_cli_options_with_the_same_defaults():
     parameters = entry_point()["parameters"]
-    options = {p.name: p for p in train.params if p.name not in ("no_augment", "help")}
+    options = {p.name: p for p in train.params if not p.name.startswith("no_")}
     assert set(parameters) == set(options)
     for name, spec in parameters.items():
         default = TrainConfig.__dataclass_fields__[name].default
@@ -38,6 +38,16 @@ def test_mlproject_parameters_are_the_cli_options_with_the_same_defaults():
         )
         assert spec["default"] == expected, name
         assert f"--{name.replace('_', '-')} {{{name}}}" in entry_point()["command"], name
+
+
+def test_register_entry_point_passes_its_parameters_to_the_register_command():
+    from cifar_experiments.cli import register
+
+    spec = entry_point("register")
+    assert set(spec["parameters"]) == {p.name for p in register.params}
+    for name, parameter in spec["parameters"].items():
+        assert parameter["default"] == next(p.default for p in register.params if p.name == name)
+        assert f"--{name.replace('_', '-')} {{{name}}}" in spec["command"]
 
 
 def test_conda_env_installs_what_the_package_needs():

@@ -1,0 +1,131 @@
+"""The model registry: register a run's model, and move `champion` only to a better one.
+
+Selection is on validation accuracy, never on test accuracy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from .tracking import BEST_VAL_METRIC
+
+CHAMPION = "champion"
+DEFAULT_MODEL_NAME = "cifar10-classifier"
+
+
+class RegistryError(ValueError):
+    """Nothing suitable to register; the message says why."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    version: str
+    val_accuracy: float
+    champion: str  # the version the alias points at afterwards
+    message: str
+
+    @property
+    def promoted(self) -> bool:
+        return self.champion == self.version
+
+
+def register_run(run_id: str, name: str = DEFAULT_MODEL_NAME) -> Registration:
+    """Register the model of a finished run as a new version of `name`.
+
+    A run already registered under `name` is not registered twice; its version is reported.
+    """
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    if BEST_VAL_METRIC not in run.data.metrics:
+        raise RegistryError(f"run {run_id} has no {BEST_VAL_METRIC}: it is not a finished training")
+    logged = run.outputs.model_outputs if run.outputs else []
+    if not logged:
+        raise RegistryError(f"run {run_id} logged no model")
+    val = run.data.metrics[BEST_VAL_METRIC]
+    test = run.data.metrics.get("test/accuracy")
+    version = _version_of_run(client, name, run_id)
+    if version is None:
+        tags = {
+            "run_id": run_id,
+            "model": run.data.params.get("model", ""),
+            "epochs": run.data.params.get("epochs", ""),
+            "val_accuracy": f"{val:.6f}",
+            "test_accuracy": "" if test is None else f"{test:.6f}",
+        }
+        source = f"models:/{logged[0].model_id}"
+        version = str(mlflow.register_model(source, name, tags=tags).version)
+        client.update_model_version(name, version, description=_description(run, val, test))
+    return _crown_if_better(client, name, version, val)
+
+
+def best_finished_run(experiment_name: str) -> str:
+    """The ID of the experiment's finished training run with the best validation accuracy."""
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        raise RegistryError(f"there is no experiment {experiment_name!r}")
+    runs = mlflow.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"attributes.status = 'FINISHED' and metrics.`{BEST_VAL_METRIC}` > -1",
+        order_by=[f"metrics.`{BEST_VAL_METRIC}` DESC", "attributes.start_time ASC"],
+        max_results=1,
+        output_format="list",
+    )
+    if not runs:
+        raise RegistryError(f"experiment {experiment_name!r} has no finished training run")
+    return runs[0].info.run_id
+
+
+def _crown_if_better(
+    client: mlflow.MlflowClient, name: str, version: str, val: float
+) -> Registration:
+    current = _champion(client, name)
+    if current is not None and str(current.version) == version:
+        return Registration(name, version, val, version, f"version {version} is already {CHAMPION}")
+    current_val = float(current.tags.get("val_accuracy", "-1")) if current is not None else None
+    if current_val is not None and val <= current_val:
+        return Registration(
+            name, version, val, str(current.version),
+            f"{CHAMPION} stays on version {current.version}: its validation accuracy "
+            f"{current_val:.2%} is not beaten by {val:.2%}",
+        )  # fmt: skip
+    client.set_registered_model_alias(name, CHAMPION, version)
+    was = f"beats version {current.version}'s {current_val:.2%}" if current else "first version"
+    return Registration(
+        name, version, val, version,
+        f"{CHAMPION} -> version {version} (validation accuracy {val:.2%}, {was})",
+    )  # fmt: skip
+
+
+def _champion(client: mlflow.MlflowClient, name: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as error:
+        # MLflow answers "no such alias" with INVALID_PARAMETER_VALUE, not a 404.
+        missing_alias = error.error_code == "INVALID_PARAMETER_VALUE" and "alias" in error.message
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST" or missing_alias:
+            return None
+        raise
+
+
+def _version_of_run(client: mlflow.MlflowClient, name: str, run_id: str) -> str | None:
+    try:
+        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException:
+        return None
+    return str(versions[0].version) if versions else None
+
+
+def _description(run: mlflow.entities.Run, val: float, test: float | None) -> str:
+    params = run.data.params
+    test_text = f"{test:.2%}" if test is not None else "not measured (no test split)"
+    return (
+        f"`{params.get('model', '?')}` network trained {params.get('epochs', '?')} epochs "
+        f"(batch {params.get('batch_size', '?')}, lr {params.get('lr', '?')}) in run "
+        f"{run.info.run_id}. Validation accuracy {val:.2%}; test accuracy {test_text}. "
+        "Input: a DataFrame column `image` of PNG or JPEG bytes."
+    )
