@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -165,6 +166,41 @@ def register(experiment: str, model_name: str) -> None:
         raise click.ClickException(str(error)) from None
     click.echo(f"Best run of {experiment!r}: {run_id}")
     _echo_registration(registration)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--model",
+    "model_uri",
+    default=f"models:/{field_default('model_name')}@champion",
+    show_default=True,
+    help="Any MLflow model URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of a table.")
+def predict(paths: tuple[Path, ...], model_uri: str, as_json: bool) -> None:
+    """Label image files (PNG, JPEG, ...) or every image in a folder."""
+    from mlflow.exceptions import MlflowException
+
+    from .data import image_files
+    from .serving import predict_files
+
+    files = image_files(list(paths))
+    if not files:
+        raise click.BadParameter("no image files found", param_hint="PATHS")
+    try:
+        answer = predict_files(model_uri, files)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="PATHS") from None
+    except MlflowException as error:
+        raise click.ClickException(f"cannot use model {model_uri}: {error.message}") from None
+    if as_json:
+        click.echo(answer.to_json(orient="records", indent=2))
+    else:
+        table = answer[["file", "label", "score"]].assign(
+            score=answer["score"].map("{:.1%}".format)
+        )
+        click.echo(table.to_string(index=False))
 
 
 def _echo_registration(registration: registry.Registration) -> None:

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 IMAGE_SIZE = 32
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CIFAR10_FOLDER = "cifar-10-batches-py"
+# Larger images are refused before decoding: a small file can declare a huge canvas.
+MAX_PIXELS = 4096 * 4096
 # Bump when the cached tensors' layout changes, so old caches are not read.
 CACHE_FORMAT = 1
 
@@ -87,13 +89,38 @@ def load_dataset(path: str | Path | None) -> Dataset:
     )
 
 
+def image_files(paths: list[Path]) -> list[Path]:
+    """The image files among `paths`, a folder standing for every image beneath it."""
+    found = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(
+                p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+            )
+        else:
+            found.append(path)
+    return found
+
+
 def decode_image(encoded: bytes) -> torch.Tensor:
-    """Any image file's bytes -> (3, 32, 32) uint8 RGB, resized when it is another size."""
+    """Any image file's bytes -> (3, 32, 32) uint8 RGB, resized when it is another size.
+
+    Raises ValueError, with a one-line reason, for anything that is not a sound image of
+    at most MAX_PIXELS pixels (checked from the header, before decoding).
+    """
     try:
         with Image.open(io.BytesIO(encoded)) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise ValueError(
+                    f"image too large to decode safely ({width}x{height} pixels; "
+                    f"the limit is {MAX_PIXELS:,})"
+                )
             rgb = image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise ValueError(f"not a readable image ({error})") from error
+    except UnidentifiedImageError:
+        raise ValueError("not a readable image (unknown or unsupported format)") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ValueError(f"not a readable image ({error})") from None
     if rgb.size != (IMAGE_SIZE, IMAGE_SIZE):
         rgb = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()

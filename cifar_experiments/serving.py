@@ -105,6 +105,26 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in names]
 
 
+def predict_files(model_uri: str, files: list[Path]) -> pd.DataFrame:
+    """Label image files with any MLflow model URI; a `file` column leads the answer.
+
+    Raises ValueError naming the first file that is not a readable image, before loading
+    the model, and MlflowException when the model cannot be loaded.
+    """
+    encoded = []
+    for path in files:
+        content = path.read_bytes()
+        try:
+            data.decode_image(content)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+        encoded.append(content)
+    model = mlflow.pyfunc.load_model(model_uri)
+    answer = model.predict(pd.DataFrame({IMAGE_COLUMN: encoded}))
+    answer.insert(0, "file", [str(p) for p in files])
+    return answer
+
+
 def _column(model_input: pd.DataFrame) -> pd.Series:
     if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
         columns = list(getattr(model_input, "columns", []))

@@ -9,7 +9,10 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
+
+from cifar_experiments.cli import cli
 
 CLASSES = ("cat", "dog", "frog")
 TRAIN_PER_CLASS = 10
@@ -82,3 +85,28 @@ def cifar_python_folder(tmp_path_factory) -> Path:
     write_batch("data_batch_2", TRAIN_PER_CLASS // 2, seed=10)
     write_batch("test_batch", TEST_PER_CLASS, seed=20)
     return root
+
+
+@pytest.fixture(scope="session")
+def finished_run(image_folder, tmp_path_factory):
+    """One real training on tiny data into its own store, read by many tests."""
+    store = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", store)
+        mp.setenv("CIFAR_EXPERIMENTS_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mlflow.set_tracking_uri(store)
+        args = ["train", "--epochs", "2", "--batch-size", "8", "--log-every", "1"]
+        args += ["--experiment-name", "tiny", "--run-name", "first", "--data", str(image_folder)]
+        result = CliRunner().invoke(cli, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        run = mlflow.search_runs(experiment_names=["tiny"], output_format="list")[0]
+    return result, mlflow.MlflowClient(store), run.info.run_id
+
+
+@pytest.fixture
+def in_finished_store(finished_run, monkeypatch):
+    """Point MLflow's fluent API at the store of `finished_run` for one test."""
+    store = finished_run[1].tracking_uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    mlflow.set_tracking_uri(store)
+    return finished_run

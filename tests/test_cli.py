@@ -31,31 +31,6 @@ def artifact_paths(client: mlflow.MlflowClient, run_id: str, path: str = "") -> 
     return found
 
 
-@pytest.fixture(scope="module")
-def finished_run(image_folder, tmp_path_factory):
-    """One real training on tiny data into its own store, shared by the checks below."""
-    store = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", store)
-        mp.setenv("CIFAR_EXPERIMENTS_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mlflow.set_tracking_uri(store)
-        result = train("--epochs", "2", "--batch-size", "8", "--log-every", "1",
-                       "--data", str(image_folder), "--experiment-name", "tiny",
-                       "--run-name", "first")  # fmt: skip
-        assert result.exit_code == 0, result.output
-        run = mlflow.search_runs(experiment_names=["tiny"], output_format="list")[0]
-    return result, mlflow.MlflowClient(store), run.info.run_id
-
-
-@pytest.fixture
-def in_finished_store(finished_run, monkeypatch):
-    """Point MLflow's fluent API at the store of `finished_run` for one test."""
-    store = finished_run[1].tracking_uri
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    mlflow.set_tracking_uri(store)
-    return finished_run
-
-
 def test_closing_line_names_run_accuracy_and_ui_command(finished_run):
     result, _, run_id = finished_run
     last = result.stdout.strip().splitlines()[-1]

@@ -163,3 +163,20 @@ def test_normalization_centres_training_pixels():
     x = norm(images)
     assert np.allclose(x.mean(dim=(0, 2, 3)).numpy(), 0, atol=1e-4)
     assert np.allclose(x.std(dim=(0, 2, 3)).numpy(), 1, atol=1e-2)
+
+
+def test_decode_image_refuses_huge_canvases_before_decoding():
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(buffer, format="PNG")  # ~25 kB file, 25 M pixels
+    with pytest.raises(ValueError, match="too large to decode safely"):
+        data.decode_image(buffer.getvalue())
+
+
+def test_decode_image_reports_truncated_files():
+    whole = encode(synthetic_images(1, 0, 0)[0], "PNG")
+    with pytest.raises(ValueError, match="not a readable image"):
+        data.decode_image(whole[: len(whole) // 2])
