@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import importlib.metadata
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,11 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import ColSpec, Schema
 
 from . import data, models
+
+# Bounds on one request, so that no request can exhaust the server's memory.
+MAX_IMAGES = 512
+MAX_IMAGE_BYTES = 8 * 1024 * 1024
+BASE64_TEXT = re.compile(rb"^[A-Za-z0-9+/]+={0,2}$")
 
 WEIGHTS_ARTIFACT = "weights"
 SETTINGS_ARTIFACT = "settings"
@@ -92,7 +99,10 @@ def signature(classes: tuple[str, ...]) -> ModelSignature:
         ColSpec("double", "score"),
     ]
     outputs += [ColSpec("double", probability_column(name)) for name in classes]
-    return ModelSignature(inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]), outputs=Schema(outputs))
+    # Optional only so that MLflow lets a request without it reach `predict`, which then answers
+    # with one clear line; MLflow's own schema error echoes the request back over many lines.
+    inputs = Schema([ColSpec("binary", IMAGE_COLUMN, required=False)])
+    return ModelSignature(inputs=inputs, outputs=Schema(outputs))
 
 
 def example_input(encoded_image: bytes) -> pd.DataFrame:
@@ -125,27 +135,55 @@ def predict_files(model_uri: str, files: list[Path]) -> pd.DataFrame:
     return answer
 
 
+class BadRequest(MlflowException):
+    """A request the model cannot serve: the server answers 400 with this one-line message.
+
+    MLflow's scoring server rewrites an exception's message to start with the whole input's
+    repr (many lines, and the client's own data echoed back); this message keeps its first
+    value so the answer says only what was wrong.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):
+            self._message = value
+
+
 def _column(model_input: pd.DataFrame) -> pd.Series:
     if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
-        columns = list(getattr(model_input, "columns", []))
-        raise _bad_input(f"expected a column {IMAGE_COLUMN!r} of encoded images, got {columns}")
+        raise BadRequest(
+            f"expected a column {IMAGE_COLUMN!r} of encoded images (PNG or JPEG bytes; base64 "
+            "in JSON bodies)"
+        )
+    if len(model_input) > MAX_IMAGES:
+        raise BadRequest(f"{len(model_input)} images in one request; send at most {MAX_IMAGES}")
     return model_input[IMAGE_COLUMN]
 
 
 def _decode(value: Any, row: int) -> torch.Tensor:
     if isinstance(value, str):
-        # `inputs` bodies reach the model as base64 text; dataframe bodies arrive decoded.
-        try:
-            value = base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise _bad_input(f"row {row}: a string must be a base64-encoded image") from None
+        value = value.encode("ascii", errors="replace")
     if not isinstance(value, bytes | bytearray):
-        raise _bad_input(f"row {row}: expected image bytes, got {type(value).__name__}")
+        raise BadRequest(f"row {row}: expected image bytes, got {type(value).__name__}")
+    value = bytes(value)
+    if BASE64_TEXT.match(value):
+        # `inputs` bodies reach the model as base64 text; dataframe bodies arrive decoded.
+        # No image format starts with base64's alphabet, so the two cannot be confused;
+        # what does not decode is left as it is, and fails below as not an image.
+        with contextlib.suppress(binascii.Error, ValueError):
+            value = base64.b64decode(value, validate=True)
+    if len(value) > MAX_IMAGE_BYTES:
+        raise BadRequest(
+            f"row {row}: {len(value):,} bytes; images are limited to {MAX_IMAGE_BYTES:,}"
+        )
     try:
-        return data.decode_image(bytes(value))
+        return data.decode_image(value)
     except ValueError as error:
-        raise _bad_input(f"row {row}: {error}") from None
-
-
-def _bad_input(message: str) -> MlflowException:
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+        raise BadRequest(f"row {row}: {error}") from None
