@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -26,37 +27,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def local_env(**extra: str) -> dict[str, str]:
+    """This interpreter first on PATH: `--env-manager local` starts plain `python`."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return {**os.environ, "PATH": path, **extra}
+
+
+@contextlib.contextmanager
+def running(command: list[str], env: dict[str, str], health_url: str, log_path: Path):
+    """Start a server process, wait (at most 90 s) until `health_url` answers, stop it after."""
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    urllib.request.urlopen(health_url, timeout=2)
+                    break
+                except OSError:
+                    assert process.poll() is None, log_path.read_text()[-3000:]
+                    assert time.monotonic() < deadline, "no answer within 90 s"
+                    time.sleep(0.5)
+            yield
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def serve(model_uri: str, tracking_uri: str, log_path: Path):
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    env = local_env(MLFLOW_TRACKING_URI=tracking_uri)
+    return url, running(command, env, f"{url}/ping", log_path)
+
+
 @pytest.fixture(scope="module")
 def server(finished_run, tmp_path_factory):
-    """The finished run's model behind `mlflow models serve`, stopped after the module."""
-    _, client, run_id = finished_run
-    port = free_port()
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": client.tracking_uri,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
-    log = (tmp_path_factory.mktemp("serve") / "server.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/model",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/ping", timeout=2)
-            break
-        except OSError:
-            assert process.poll() is None, Path(log.name).read_text()[-3000:]
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("the model server did not start within 90 s")
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    """The registered champion (the finished run's model) behind `mlflow models serve`."""
+    _, client, _ = finished_run
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    url, process = serve("models:/cifar10-classifier@champion", client.tracking_uri, log)
+    with process:
+        yield url
 
 
 def post(url: str, body: bytes | dict) -> tuple[int, object]:
@@ -143,3 +157,30 @@ def test_bad_requests_get_a_4xx_one_line_message_and_the_server_goes_on(server, 
 def test_empty_batch_answers_an_empty_list(server):
     status, answer = post(server, {"dataframe_split": {"columns": ["image"], "data": []}})
     assert (status, answer) == (200, {"predictions": []})
+
+
+@pytest.mark.slow
+def test_train_register_and_serve_through_a_tracking_server(image_folder, tmp_path):
+    """`mlflow server` on loopback: `mlflow run` registers there, and serving reads from there."""
+    port = free_port()
+    tracking_uri = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
+               str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+               "--artifacts-destination", str(tmp_path / "artifacts")]  # fmt: skip
+    root = Path(__file__).resolve().parents[1]
+    env = local_env(MLFLOW_TRACKING_URI=tracking_uri)
+    with running(command, local_env(), f"{tracking_uri}/health", tmp_path / "tracking.log"):
+        done = subprocess.run(
+            [sys.executable, "-m", "mlflow", "run", str(root), "--env-manager", "local",
+             "-P", "epochs=1", "-P", "batch_size=8", "-P", f"data={image_folder}"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "Registered cifar10-classifier version 1; champion -> version 1" in done.stdout
+        url, model_server = serve(
+            "models:/cifar10-classifier@champion", tracking_uri, tmp_path / "serve.log"
+        )
+        with model_server:
+            status, answer = post(url, {"inputs": {"image": [b64(PNG)]}})
+    assert status == 200, answer
+    assert_labels(answer, 1)
