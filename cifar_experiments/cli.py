@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from . import registry
 
 from .config import (
+    CHAMPION_ALIAS,
     DEVICES,
     MODEL_NAMES,
     SCHEDULES,
@@ -173,7 +174,7 @@ def register(experiment: str, model_name: str) -> None:
 @click.option(
     "--model",
     "model_uri",
-    default=f"models:/{field_default('model_name')}@champion",
+    default=f"models:/{field_default('model_name')}@{CHAMPION_ALIAS}",
     show_default=True,
     help="Any MLflow model URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model.",
 )
@@ -206,7 +207,7 @@ def predict(paths: tuple[Path, ...], model_uri: str, as_json: bool) -> None:
 def _echo_registration(registration: registry.Registration) -> None:
     click.echo(
         f"Registered {registration.name} version {registration.version}; {registration.message}. "
-        f"Serve it: mlflow models serve -m models:/{registration.name}@champion "
+        f"Serve it: mlflow models serve -m models:/{registration.name}@{CHAMPION_ALIAS} "
         "--env-manager local -p 5001"
     )
 

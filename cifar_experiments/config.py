@@ -13,6 +13,8 @@ from typing import Any
 MODEL_NAMES = ("tutorial",)
 SCHEDULES = ("onecycle", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+# The registered-model alias that always names the best version so far.
+CHAMPION_ALIAS = "champion"
 
 
 class ConfigError(ValueError):

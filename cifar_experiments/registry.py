@@ -11,10 +11,8 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from .config import CHAMPION_ALIAS as CHAMPION
 from .tracking import BEST_VAL_METRIC
-
-CHAMPION = "champion"
-DEFAULT_MODEL_NAME = "cifar10-classifier"
 
 
 class RegistryError(ValueError):
@@ -25,16 +23,10 @@ class RegistryError(ValueError):
 class Registration:
     name: str
     version: str
-    val_accuracy: float
-    champion: str  # the version the alias points at afterwards
-    message: str
-
-    @property
-    def promoted(self) -> bool:
-        return self.champion == self.version
+    message: str  # what happened to the alias, and why
 
 
-def register_run(run_id: str, name: str = DEFAULT_MODEL_NAME) -> Registration:
+def register_run(run_id: str, name: str) -> Registration:
     """Register the model of a finished run as a new version of `name`.
 
     A run already registered under `name` is not registered twice; its version is reported.
@@ -85,20 +77,20 @@ def _crown_if_better(
 ) -> Registration:
     current = _champion(client, name)
     if current is not None and str(current.version) == version:
-        return Registration(name, version, val, version, f"version {version} is already {CHAMPION}")
+        return Registration(name, version, f"version {version} is already {CHAMPION}")
     current_val = float(current.tags.get("val_accuracy", "-1")) if current is not None else None
     if current_val is not None and val <= current_val:
         return Registration(
-            name, version, val, str(current.version),
+            name,
+            version,
             f"{CHAMPION} stays on version {current.version}: its validation accuracy "
             f"{current_val:.2%} is not beaten by {val:.2%}",
-        )  # fmt: skip
+        )
     client.set_registered_model_alias(name, CHAMPION, version)
     was = f"beats version {current.version}'s {current_val:.2%}" if current else "first version"
     return Registration(
-        name, version, val, version,
-        f"{CHAMPION} -> version {version} (validation accuracy {val:.2%}, {was})",
-    )  # fmt: skip
+        name, version, f"{CHAMPION} -> version {version} (validation accuracy {val:.2%}, {was})"
+    )
 
 
 def _champion(client: mlflow.MlflowClient, name: str) -> ModelVersion | None:
