@@ -19,6 +19,8 @@ from .config import (
     CHAMPION_ALIAS,
     DEVICES,
     MODEL_NAMES,
+    PRECISIONS,
+    RECIPES,
     SCHEDULES,
     ConfigError,
     TrainConfig,
@@ -51,6 +53,9 @@ def cli() -> None:
     package_log.setLevel(logging.INFO)
 
 
+_RECIPE_FIELDS = frozenset(next(iter(RECIPES.values())))
+
+
 def _option(name: str, **kwargs: Any) -> Callable:
     """An option for a TrainConfig field: its help and default come from the config."""
     return click.option(
@@ -58,9 +63,26 @@ def _option(name: str, **kwargs: Any) -> Callable:
         name,
         default=field_default(name),
         show_default=field_default(name) is not None,
-        help=field_help(name),
+        help=field_help(name)
+        + ("  [default: the model's recipe]" if name in _RECIPE_FIELDS else ""),
         **kwargs,
     )
+
+
+class _OrEmpty(click.ParamType):
+    """A value of `inner`, or empty for "not given": MLproject passes unset parameters as ""."""
+
+    def __init__(self, inner: click.ParamType) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value == "":
+            return None
+        return self.inner.convert(value, param, ctx)
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str | None:
+        return self.inner.get_metavar(param, ctx)
 
 
 def _switch(name: str) -> Callable:
@@ -77,31 +99,44 @@ def _switch(name: str) -> Callable:
         merged = click.option(
             f"--no-{flag[2:]}", f"no_{name}", is_flag=True, help=f"Same as {flag} false."
         )(merged)
-        return _option(name, type=click.BOOL, is_flag=False, flag_value=True)(merged)
+        return _option(name, type=_OrEmpty(click.BOOL), is_flag=False, flag_value=True)(merged)
 
     return decorate
 
 
-def _empty_is_none(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    return value or None
+def _recipes_epilog() -> str:
+    lines = ["\b", "Recipes (what unset options become, per --model):"]
+    for model, recipe in RECIPES.items():
+        lines.append(
+            f"  {model}: "
+            + ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in recipe.items()
+            )
+        )
+    return "\n".join(lines)
 
 
-@cli.command()
+@cli.command(epilog=_recipes_epilog())
 @_option("epochs", type=int)
-@_option("batch_size", type=int)
-@_option("lr", type=float)
-@_option("momentum", type=float)
-@_option("weight_decay", type=float)
-@_option("schedule", type=click.Choice(SCHEDULES))
-@_switch("augment")
 @_option("model", type=click.Choice(MODEL_NAMES))
-@_option("data", type=str, callback=_empty_is_none, metavar="PATH")
+@_option("batch_size", type=_OrEmpty(click.INT))
+@_option("lr", type=_OrEmpty(click.FLOAT))
+@_option("momentum", type=_OrEmpty(click.FLOAT))
+@_switch("nesterov")
+@_option("weight_decay", type=_OrEmpty(click.FLOAT))
+@_option("label_smoothing", type=_OrEmpty(click.FLOAT))
+@_option("schedule", type=_OrEmpty(click.Choice(SCHEDULES)))
+@_switch("lookahead")
+@_switch("augment")
+@_option("data", type=_OrEmpty(click.STRING), metavar="PATH")
 @_option("val_fraction", type=float)
 @_option("seed", type=int)
 @_option("device", type=click.Choice(DEVICES))
+@_option("precision", type=click.Choice(PRECISIONS))
+@_switch("compile")
 @_option("log_every", type=int)
 @_option("experiment_name", type=str)
-@_option("run_name", type=str, callback=_empty_is_none)
+@_option("run_name", type=_OrEmpty(click.STRING))
 @_switch("register")
 @_option("model_name", type=str)
 def train(**options: Any) -> None:

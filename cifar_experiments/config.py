@@ -10,11 +10,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MODEL_NAMES = ("tutorial",)
+MODEL_NAMES = ("tutorial", "airbench")
 SCHEDULES = ("onecycle", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "bf16", "fp32")
 # The registered-model alias that always names the best version so far.
 CHAMPION_ALIAS = "champion"
+
+# Each network trains best with its own recipe; an option left unset takes the model's value.
+# lr and weight_decay are in PyTorch's SGD terms for a loss averaged over the batch.
+RECIPES: dict[str, dict[str, Any]] = {
+    # Tuned on a validation split for 10 epochs: batch 128 costs no more time than 256 on a
+    # CPU and keeps about two points of accuracy.
+    "tutorial": {
+        "batch_size": 128,
+        "lr": 0.07,
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 1e-3,
+        "label_smoothing": 0.0,
+        "schedule": "onecycle",
+        "lookahead": False,
+    },
+    # airbench94's published hyperparameters (Jordan, 2024), converted from its decoupled
+    # "per 1024 examples" form: lr 11.5 / (1 + 1 / (1 - 0.85)) per 1024, decay 0.0153 / 11.5.
+    "airbench": {
+        "batch_size": 1024,
+        "lr": 1.5,
+        "momentum": 0.85,
+        "nesterov": True,
+        "weight_decay": 0.0153 / 11.5,
+        "label_smoothing": 0.2,
+        "schedule": "onecycle",
+        "lookahead": True,
+    },
+}
 
 
 class ConfigError(ValueError):
@@ -33,13 +63,20 @@ def _doc(text: str, default: Any) -> Any:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = _doc("Passes over the training split.", 10)
-    batch_size: int = _doc("Images per optimiser step.", 32)
-    lr: float = _doc("Peak learning rate of SGD.", 0.02)
-    momentum: float = _doc("SGD momentum.", 0.9)
-    weight_decay: float = _doc("L2 weight decay.", 1e-3)
-    schedule: str = _doc("Learning-rate schedule over the whole run.", "onecycle")
+    model: str = _doc(
+        "Network to train; it brings its own recipe for the options below.", "tutorial"
+    )
+    batch_size: int | None = _doc("Images per optimiser step.", None)
+    lr: float | None = _doc("Peak learning rate of SGD.", None)
+    momentum: float | None = _doc("SGD momentum.", None)
+    nesterov: bool | None = _doc("Nesterov momentum.", None)
+    weight_decay: float | None = _doc("L2 weight decay.", None)
+    label_smoothing: float | None = _doc("Label smoothing of the training loss.", None)
+    schedule: str | None = _doc("Learning-rate schedule over the whole run.", None)
+    lookahead: bool | None = _doc(
+        "Every 5 steps, pull the weights toward their slow moving average (airbench).", None
+    )
     augment: bool = _doc("Random flips and 2-pixel translations of training batches.", True)
-    model: str = _doc("Network to train.", "tutorial")
     data: str | None = _doc(
         "CIFAR-10 python folder or image folder (train/<class>/*, optional test/<class>/*); "
         "empty downloads CIFAR-10 with torchvision.",
@@ -50,7 +87,13 @@ class TrainConfig:
     )
     seed: int = _doc("Seed for the split, initialisation, shuffling and augmentation.", 0)
     device: str = _doc("Where to train; auto picks cuda, then mps, then cpu.", "auto")
-    log_every: int = _doc("Optimiser steps between points of the training-loss curve.", 50)
+    precision: str = _doc(
+        "auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), "
+        "fp32 elsewhere.",
+        "auto",
+    )
+    compile: bool = _doc("torch.compile the network (pays off on CUDA for long runs).", False)
+    log_every: int = _doc("Optimiser steps between points of the training-loss curve.", 10)
     experiment_name: str = _doc(
         "MLflow experiment (ignored under `mlflow run`, which chose one).", "cifar10"
     )
@@ -63,6 +106,10 @@ class TrainConfig:
     model_name: str = _doc("Registered model name.", "cifar10-classifier")
 
     def __post_init__(self) -> None:
+        _one_of(self, "model", MODEL_NAMES)
+        for name, value in RECIPES[self.model].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         _at_least(self, "epochs", 1)
         _at_least(self, "batch_size", 1)
         _at_least(self, "log_every", 1)
@@ -74,9 +121,13 @@ class TrainConfig:
             raise ConfigError("weight_decay", f"must be 0 or more, got {self.weight_decay}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError("val_fraction", f"must be between 0 and 1, got {self.val_fraction}")
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("nesterov", "needs a momentum above 0")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
         _one_of(self, "schedule", SCHEDULES)
-        _one_of(self, "model", MODEL_NAMES)
         _one_of(self, "device", DEVICES)
+        _one_of(self, "precision", PRECISIONS)
         if self.data is not None and not Path(self.data).exists():
             raise ConfigError("data", f"{self.data} does not exist")
         for name in ("experiment_name", "model_name"):

@@ -23,6 +23,8 @@ from .evaluation import Evaluation
 log = logging.getLogger(__name__)
 
 EVAL_BATCH_SIZE = 1000
+# Training images that data-dependent initialisation (airbench's whitening) looks at.
+INIT_SAMPLE = 5000
 
 
 class MetricSink(Protocol):
@@ -38,9 +40,10 @@ class Runtime:
     """Where tensors live, their memory layout, and in what precision the model runs."""
 
     device: torch.device
+    bf16: bool = False
 
     @classmethod
-    def resolve(cls, name: str) -> Runtime:
+    def resolve(cls, name: str, precision: str = "auto") -> Runtime:
         available = {
             "cuda": torch.cuda.is_available(),
             "mps": torch.backends.mps.is_available(),
@@ -50,16 +53,23 @@ class Runtime:
             name = next(d for d in ("cuda", "mps", "cpu") if available[d])
         if not available.get(name, False):
             raise DeviceUnavailable(f"{name} is not available on this machine")
-        return cls(torch.device(name))
+        if precision == "auto":
+            bf16 = name == "cuda" or (name == "cpu" and _cpu_has_native_bf16())
+        else:
+            bf16 = precision == "bf16"
+        return cls(torch.device(name), bf16)
 
     @property
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
 
+    @property
+    def precision(self) -> str:
+        return "bf16 autocast" if self.bf16 else "fp32"
+
     def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 mixed precision on CUDA; full precision elsewhere."""
-        if self.is_cuda:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
@@ -68,15 +78,68 @@ class Runtime:
         # (measured here: a fifth off the tutorial Net's CPU epoch).
         return model.to(memory_format=torch.channels_last)
 
-    def prepare_batch(
-        self, images: torch.Tensor, normalization: data.Normalization
-    ) -> torch.Tensor:
-        x = normalization(images)
-        return x.contiguous(memory_format=torch.channels_last)
-
     def put(self, images: data.ImageSet) -> data.ImageSet:
         """Keep a whole split resident on the device, as uint8, so batches never cross the bus."""
         return data.ImageSet(images.images.to(self.device), images.labels.to(self.device))
+
+
+def _cpu_has_native_bf16() -> bool:
+    # Without these units bf16 is emulated and slower than fp32.
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+class Lookahead:
+    """Every `every` steps, move a slow copy of the weights toward the live ones and restart
+    the live ones from it (airbench). The pull grows with the cube of training progress, so
+    early training runs free and the end averages over many steps."""
+
+    def __init__(self, model: nn.Module, total_steps: int, every: int = 5) -> None:
+        self.total_steps, self.every = total_steps, every
+        self.slow = {
+            name: tensor.detach().clone()
+            for name, tensor in model.state_dict().items()
+            if tensor.is_floating_point()
+        }
+
+    @torch.no_grad()
+    def step(self, model: nn.Module, global_step: int) -> None:
+        if global_step % self.every and global_step != self.total_steps:
+            return
+        keep = 0.95**self.every * (global_step / self.total_steps) ** 3
+        live = model.state_dict()
+        for name, slow in self.slow.items():
+            slow.lerp_(live[name], 1 - keep)
+            live[name].copy_(slow)
+
+
+def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.SGD:
+    """SGD, with batch-norm parameters at the model's own learning-rate scale."""
+    scale = getattr(model, "norm_lr_scale", 1.0)
+    norm_params = {
+        id(p): p
+        for module in model.modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        for p in module.parameters()
+        if p.requires_grad
+    }
+    other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in norm_params]
+    groups: list[dict] = [{"params": other_params}]
+    if norm_params:
+        groups.append(
+            {
+                "params": list(norm_params.values()),
+                "lr": config.lr * scale,
+                "weight_decay": config.weight_decay / scale,
+            }
+        )
+    return torch.optim.SGD(
+        groups,
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+    )
 
 
 @dataclass
@@ -114,16 +177,17 @@ def fit(
     normalization = data.Normalization.of(train_set.images)
     model = runtime.prepare_model(model)
     train_set, val_set = runtime.put(train_set), runtime.put(val_set)
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-    )
-    total_steps = config.epochs * math.ceil(len(train_set) / config.batch_size)
+    if isinstance(model, models.CifarNet):
+        model.init_from_data(normalization(train_set.images[:INIT_SAMPLE]))
+    # Weights are read and saved through `model`; `forward` may be its compiled twin.
+    forward = torch.compile(model) if config.compile else model
+    optimizer = make_optimizer(config, model)
+    training = data.TrainingSet(train_set, config.augment)
+    total_steps = config.epochs * training.steps(config.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(config.schedule, step, total_steps)
     )
+    lookahead = Lookahead(model, total_steps) if config.lookahead else None
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, float]] = []
     best_val: Evaluation | None = None
@@ -131,10 +195,10 @@ def fit(
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
         train_stats, global_step = train_one_epoch(
-            config, model, train_set, normalization, optimizer, scheduler, generator,
-            tracker, runtime, epoch, global_step,
+            config, forward, training, normalization, optimizer, scheduler, generator,
+            tracker, runtime, epoch, global_step, lookahead,
         )  # fmt: skip
-        val = evaluate(model, val_set, classes, normalization, runtime)
+        val = evaluate(forward, val_set, classes, normalization, runtime)
         record = {
             **train_stats,
             **{f"val/{name}": value for name, value in val.metrics().items()},
@@ -160,7 +224,7 @@ def fit(
 def train_one_epoch(
     config: TrainConfig,
     model: nn.Module,
-    train_set: data.ImageSet,
+    train_set: data.TrainingSet,
     normalization: data.Normalization,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -169,23 +233,22 @@ def train_one_epoch(
     runtime: Runtime,
     epoch: int,
     global_step: int,
+    lookahead: Lookahead | None = None,
 ) -> tuple[dict[str, float], int]:
     model.train()
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     # Sums stay on the device: reading them every step would stall a GPU.
     loss_sum = torch.zeros((), device=runtime.device)
     window_loss = torch.zeros((), device=runtime.device)
     correct = torch.zeros((), dtype=torch.int64, device=runtime.device)
     window = 0
     started = time.perf_counter()
-    steps = math.ceil(len(train_set) / config.batch_size)
+    steps = train_set.steps(config.batch_size)
     progress = tqdm(
         total=steps, desc=f"epoch {epoch}/{config.epochs}", unit="step", leave=False, disable=None
     )
-    for images, labels in data.batches(train_set, config.batch_size, generator):
-        if config.augment:
-            images = data.augment(images, generator)
-        inputs = runtime.prepare_batch(images, normalization)
+    for images, labels in train_set.batches(config.batch_size, generator):
+        inputs = normalization(images)
         with runtime.autocast():
             logits = model(inputs)
             loss = loss_fn(logits.float(), labels)
@@ -194,9 +257,10 @@ def train_one_epoch(
         optimizer.step()
         scheduler.step()
         global_step += 1
+        if lookahead is not None:
+            lookahead.step(model, global_step)
         window += 1
-        batch_loss = loss.detach() * len(labels)
-        loss_sum += batch_loss
+        loss_sum += loss.detach() * len(labels)
         window_loss += loss.detach()
         correct += (logits.argmax(dim=1) == labels).sum()
         if window == config.log_every:
@@ -208,11 +272,12 @@ def train_one_epoch(
         progress.update()
     progress.close()
     seconds = time.perf_counter() - started
+    seen = steps * min(config.batch_size, len(train_set))
     return {
-        "train/epoch_loss": loss_sum.item() / len(train_set),
-        "train/accuracy": correct.item() / len(train_set),
+        "train/epoch_loss": loss_sum.item() / seen,
+        "train/accuracy": correct.item() / seen,
         "train/lr": scheduler.get_last_lr()[0],
-        "train/images_per_second": len(train_set) / seconds,
+        "train/images_per_second": seen / seconds,
     }, global_step
 
 
@@ -230,7 +295,7 @@ def evaluate(
     predictions = []
     for batch, labels in data.batches(images, EVAL_BATCH_SIZE):
         with runtime.autocast():
-            log_proba = models.predict_log_proba(model, runtime.prepare_batch(batch, normalization))
+            log_proba = models.predict_log_proba(model, normalization(batch))
         loss_sum += nn.functional.nll_loss(log_proba, labels, reduction="sum")
         predictions.append(log_proba.argmax(dim=1))
     return Evaluation(

@@ -38,7 +38,7 @@ class Summary:
 
 def prepare(config: TrainConfig) -> Prepared:
     """Load and split the data and find the device; raises DataError or DeviceUnavailable."""
-    runtime = engine.Runtime.resolve(config.device)
+    runtime = engine.Runtime.resolve(config.device, config.precision)
     dataset = data.load_dataset(config.data)
     train, val = data.stratified_split(dataset.train, config.val_fraction, config.seed)
     return Prepared(config, dataset, train, val, runtime)
@@ -52,6 +52,7 @@ def run(prepared: Prepared, tracker: tracking.Tracker) -> Summary:
         {
             **config.as_params(),
             "device": str(prepared.runtime.device),
+            "compute_precision": prepared.runtime.precision,
             "parameter_count": models.parameter_count(net),
             "train_size": len(prepared.train),
             "val_size": len(prepared.val),
@@ -119,9 +120,12 @@ def _description(prepared: Prepared, fit: engine.FitResult, test: Evaluation | N
             f"- **Data**: `{dataset.source}` ({len(prepared.train)} train / "
             f"{len(prepared.val)} validation images, digest `{dataset.digest}`)",
             f"- **Training**: {config.epochs} epochs, batch {config.batch_size}, SGD lr "
-            f"{config.lr} ({config.schedule}), momentum {config.momentum}, weight decay "
-            f"{config.weight_decay}, augmentation {'on' if config.augment else 'off'}, "
-            f"on {prepared.runtime.device}",
+            f"{config.lr} ({config.schedule}), momentum {config.momentum}"
+            f"{' (Nesterov)' if config.nesterov else ''}, weight decay {config.weight_decay}, "
+            f"label smoothing {config.label_smoothing}, lookahead "
+            f"{'on' if config.lookahead else 'off'}, augmentation "
+            f"{'on' if config.augment else 'off'}, on {prepared.runtime.device} "
+            f"({prepared.runtime.precision})",
             f"- **Best epoch**: {fit.best_epoch}, validation accuracy {fit.best_val.accuracy:.2%}",
             test_line,
             "",

@@ -1,6 +1,6 @@
 import pytest
 
-from cifar_experiments.config import ConfigError, TrainConfig
+from cifar_experiments.config import RECIPES, ConfigError, TrainConfig
 
 
 def test_defaults_are_valid():
@@ -20,6 +20,8 @@ def test_defaults_are_valid():
         ("val_fraction", 0.0),
         ("val_fraction", 1.0),
         ("schedule", "triangular"),
+        ("label_smoothing", 1.0),
+        ("precision", "fp8"),
         ("model", "vgg"),
         ("device", "tpu"),
         ("log_every", 0),
@@ -36,4 +38,24 @@ def test_bad_values_name_their_field(field, value):
 def test_params_use_empty_string_for_unset_values():
     params = TrainConfig().as_params()
     assert params["data"] == "" and params["run_name"] == ""
-    assert params["lr"] == 0.02
+    assert params["lr"] == RECIPES["tutorial"]["lr"]
+
+
+@pytest.mark.parametrize("model", ["tutorial", "airbench"])
+def test_unset_options_take_the_models_recipe(model):
+    config = TrainConfig(model=model)
+    for name, value in RECIPES[model].items():
+        assert getattr(config, name) == value, name
+    assert config.as_params()["batch_size"] == RECIPES[model]["batch_size"]
+
+
+def test_given_options_override_the_recipe():
+    config = TrainConfig(model="airbench", batch_size=64, lookahead=False)
+    assert config.batch_size == 64 and config.lookahead is False
+    assert config.label_smoothing == RECIPES["airbench"]["label_smoothing"]
+
+
+def test_nesterov_needs_momentum():
+    with pytest.raises(ConfigError) as raised:
+        TrainConfig(momentum=0.0, nesterov=True)
+    assert raised.value.field == "nesterov"

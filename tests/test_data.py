@@ -134,27 +134,47 @@ def test_split_too_small_for_every_class_is_a_clear_error():
         data.stratified_split(_labelled([2, 2, 2]), 0.1, seed=0)
 
 
-def test_augment_keeps_shape_dtype_and_only_moves_pixels():
+def test_augmented_training_batches_keep_shapes_and_labels_and_only_move_pixels():
     images = torch.from_numpy(synthetic_images(64, 0, 3)).permute(0, 3, 1, 2).contiguous()
-    out = data.augment(images, torch.Generator().manual_seed(0))
-    assert out.shape == images.shape and out.dtype == torch.uint8
-    assert not torch.equal(out, images)
+    labelled = data.ImageSet(images, torch.arange(64))
+    batches = list(
+        data.TrainingSet(labelled, augment=True).batches(16, torch.Generator().manual_seed(0))
+    )
+    assert [b.shape for b, _ in batches] == [(16, 3, 32, 32)] * 4
+    assert all(b.dtype == torch.uint8 for b, _ in batches)
+    out = torch.cat([b for b, _ in batches])
+    labels = torch.cat([y for _, y in batches])
+    assert sorted(labels.tolist()) == list(range(64))  # every image once, label kept
+    originals = images[labels]
+    assert not torch.equal(out, originals)
     # The centre survives any shift of at most 2 pixels, possibly mirrored.
-    centre = images[:, :, 8:24, 8:24]
-    moved = [out[i] for i in range(64)]
-    for i in range(64):
-        window = [
-            moved[i][:, 8 + dy : 24 + dy, 8 + dx : 24 + dx]
-            for dy in range(-2, 3)
-            for dx in range(-2, 3)
-        ]
-        assert any(torch.equal(w, centre[i]) or torch.equal(w.flip(-1), centre[i]) for w in window)
+    flipped = 0
+    for moved, original in zip(out, originals, strict=True):
+        centre = original[:, 8:24, 8:24]
+        windows = [moved[:, 8 + dy : 24 + dy, 8 + dx : 24 + dx] for dy in range(-2, 3)
+                   for dx in range(-2, 3)]  # fmt: skip
+        plain = any(torch.equal(w, centre) for w in windows)
+        mirrored = any(torch.equal(w.flip(-1), centre) for w in windows)
+        assert plain or mirrored
+        flipped += mirrored and not plain
+    assert 0 < flipped < 64
 
 
-def test_batches_cover_every_image_once():
+def test_evaluation_batches_cover_every_image_once_in_order():
     images = _labelled([7, 6])
-    seen = torch.cat([labels for _, labels in data.batches(images, 4, torch.Generator())])
-    assert sorted(seen.tolist()) == sorted(images.labels.tolist())
+    seen = torch.cat([labels for _, labels in data.batches(images, 4)])
+    assert seen.tolist() == images.labels.tolist()
+
+
+def test_training_batches_are_full_and_shuffled():
+    images = _labelled([7, 6])  # 13 images: 3 batches of 4, one image waits
+    training = data.TrainingSet(images, augment=False)
+    generator = torch.Generator().manual_seed(0)
+    epochs = [list(training.batches(4, generator)) for _ in range(2)]
+    assert all([len(y) for _, y in epoch] == [4, 4, 4] for epoch in epochs)
+    orders = [torch.cat([y for _, y in epoch]) for epoch in epochs]
+    assert not torch.equal(orders[0], orders[1])
+    assert data.TrainingSet(images, augment=False).steps(64) == 1  # never zero steps
 
 
 def test_normalization_centres_training_pixels():

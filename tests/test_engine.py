@@ -84,3 +84,52 @@ def test_unavailable_device_is_refused():
     with pytest.raises(engine.DeviceUnavailable, match="cuda"):
         engine.Runtime.resolve("cuda")
     assert engine.Runtime.resolve("auto").device.type in ("cpu", "mps")
+
+
+@pytest.mark.parametrize("name", ["tutorial", "airbench"])
+def test_a_few_steps_on_tiny_data_lower_the_loss(name):
+    # The model's own recipe, shortened; batch small enough for several steps.
+    config = TrainConfig(model=name, epochs=3, batch_size=16, log_every=1, seed=0)
+    tracker = RecordingTracker()
+    torch.manual_seed(0)
+    net = models.build_model(name, num_classes=3)
+    engine.fit(config, net, tiny_set(16, 0), tiny_set(4, 100), ("r", "g", "b"), tracker,
+               engine.Runtime.resolve("cpu"))  # fmt: skip
+    epoch_losses = [v for _, v in tracker.points["train/epoch_loss"]]
+    assert epoch_losses[-1] < epoch_losses[0]
+
+
+def test_lookahead_restarts_the_weights_from_their_slow_average():
+    net = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    lookahead = engine.Lookahead(net, total_steps=10, every=5)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    lookahead.step(net, 4)  # not a sync step: nothing moves
+    assert net.weight.flatten().tolist() == [1.0, 1.0]
+    lookahead.step(net, 5)  # halfway: keeps 0.95**5 * 0.5**3 of the slow copy
+    keep = 0.95**5 * 0.5**3
+    torch.testing.assert_close(net.weight, torch.full((1, 2), 1 - keep))
+    torch.testing.assert_close(lookahead.slow["weight"], net.weight)
+
+
+def test_batch_norm_parameters_get_the_models_learning_rate_scale():
+    config = TrainConfig(model="airbench", lr=0.5, weight_decay=1e-3)
+    net = models.build_model("airbench")
+    groups = engine.make_optimizer(config, net).param_groups
+    norm_biases = [m.bias for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    norm_group = next(g for g in groups if any(p is norm_biases[0] for p in g["params"]))
+    assert len(norm_group["params"]) == len(norm_biases)  # weights are frozen, not trained
+    assert norm_group["lr"] == pytest.approx(0.5 * net.norm_lr_scale)
+    assert norm_group["weight_decay"] == pytest.approx(1e-3 / net.norm_lr_scale)
+    assert all(g["nesterov"] for g in groups)
+    trained = sum(p.numel() for g in groups for p in g["params"])
+    assert trained == sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+
+def test_bf16_is_used_only_where_asked_or_native():
+    assert engine.Runtime.resolve("cpu", "fp32").bf16 is False
+    assert engine.Runtime.resolve("cpu", "bf16").bf16 is True
+    native = torch.cpu.get_capabilities().get("avx512_bf16", False)
+    assert engine.Runtime.resolve("cpu", "auto").bf16 is bool(native)

@@ -29,12 +29,52 @@ def test_model_names_match_the_config_choices():
     assert set(models.model_names()) == set(MODEL_NAMES)
 
 
-def test_flip_tta_averages_the_probabilities_of_both_views():
+def test_airbench_shape_and_parameter_count():
+    net = models.build_model("airbench", num_classes=7)
+    widths = [(24, 64), (64, 256), (256, 256)]  # after the 24-filter whitening layer
+    convs = sum(9 * (c_in * c_out + c_out * c_out) for c_in, c_out in widths)
+    norms = sum(2 * 2 * c_out for _, c_out in widths)  # two per block, weight and bias
+    whitening = 24 * 3 * 2 * 2 + 24
+    assert models.parameter_count(net) == whitening + convs + norms + 256 * 7
+    assert net(torch.randn(3, 3, 32, 32)).shape == (3, 7)
+
+
+def test_airbench_whitening_decorrelates_patches_of_its_training_images():
     torch.manual_seed(0)
-    net = models.build_model("tutorial").eval()
+    # Correlated channels and neighbouring pixels, as in photos.
+    base = torch.randn(16, 1, 33, 33)
+    smooth = (base[..., 1:, 1:] + base[..., :-1, :-1]) / 2
+    images = torch.cat([smooth, smooth * 0.5 + 0.1 * torch.randn_like(smooth), -smooth], 1)
+    net = models.build_model("airbench")
+    net.init_from_data(images)
+    weight = net.whiten.weight
+    assert not weight.requires_grad
+    torch.testing.assert_close(weight[12:], -weight[:12])  # each filter and its negative
+    patches = torch.nn.functional.conv2d(images, weight[:12])  # the 12 whitened components
+    flat = patches.transpose(0, 1).reshape(12, -1)
+    covariance = flat @ flat.T / flat.shape[1]
+    # Unit variance where the data has variance, ~0 across components; near-null
+    # directions are damped by the epsilon rather than blown up.
+    off_diagonal = covariance - torch.diag(covariance.diag())
+    assert off_diagonal.abs().max() < 0.05
+    assert covariance.diag().max() < 1.01
+    assert (covariance.diag() > 0.9).sum() >= 6
+
+
+def test_airbench_convolutions_start_as_identity_on_their_inputs():
+    net = models.build_model("airbench")
+    first = net.blocks[0][0]
+    x = torch.randn(2, 24, 8, 8)
+    torch.testing.assert_close(first(x)[:, :24], x)
+
+
+@pytest.mark.parametrize("name", ["tutorial", "airbench"])
+def test_flip_tta_averages_the_probabilities_of_both_views(name):
+    torch.manual_seed(0)
+    net = models.build_model(name).eval()
     x = torch.randn(4, 3, 32, 32)
-    expected = (net(x).softmax(-1) + net(x.flip(-1)).softmax(-1)) / 2
     with torch.no_grad():
+        expected = (net(x).softmax(-1) + net(x.flip(-1)).softmax(-1)) / 2
         got = models.predict_log_proba(net, x).exp()
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(got.sum(-1), torch.ones(4))
