@@ -68,13 +68,25 @@ def test_airbench_convolutions_start_as_identity_on_their_inputs():
     torch.testing.assert_close(first(x)[:, :24], x)
 
 
-@pytest.mark.parametrize("name", ["tutorial", "airbench"])
-def test_flip_tta_averages_the_probabilities_of_both_views(name):
+def test_flip_tta_averages_the_probabilities_of_both_views():
     torch.manual_seed(0)
-    net = models.build_model(name).eval()
+    net = models.build_model("tutorial").eval()
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         expected = (net(x).softmax(-1) + net(x.flip(-1)).softmax(-1)) / 2
         got = models.predict_log_proba(net, x).exp()
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(got.sum(-1), torch.ones(4))
+
+
+def test_airbench_tta_adds_shifted_views_at_half_weight():
+    torch.manual_seed(0)
+    net = models.build_model("airbench").eval()
+    x = torch.randn(2, 3, 32, 32)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    views = [x, padded[..., :32, :32], padded[..., 2:, 2:]]
+    with torch.no_grad():
+        probas = [(net(v).softmax(-1) + net(v.flip(-1)).softmax(-1)) / 2 for v in views]
+        expected = 0.5 * probas[0] + 0.25 * probas[1] + 0.25 * probas[2]
+        got = models.predict_log_proba(net, x).exp()
+    torch.testing.assert_close(got, expected)
