@@ -145,7 +145,7 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.SGD:
 @dataclass
 class FitResult:
     best_epoch: int
-    best_val: Evaluation
+    best_val: Evaluation  # the best epoch on the validation split, with test-time augmentation
     normalization: data.Normalization
     history: list[dict[str, float]]
     global_step: int
@@ -190,15 +190,15 @@ def fit(
     lookahead = Lookahead(model, total_steps) if config.lookahead else None
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, float]] = []
-    best_val: Evaluation | None = None
-    best_epoch, best_state, global_step = 0, {}, 0
+    best_accuracy, best_epoch, best_state, global_step = -1.0, 0, {}, 0
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
         train_stats, global_step = train_one_epoch(
             config, forward, training, normalization, optimizer, scheduler, generator,
             tracker, runtime, epoch, global_step, lookahead,
         )  # fmt: skip
-        val = evaluate(forward, val_set, classes, normalization, runtime)
+        # The curves follow the bare network; test-time augmentation waits for the best epoch.
+        val = evaluate(forward, val_set, classes, normalization, runtime, tta=False)
         record = {
             **train_stats,
             **{f"val/{name}": value for name, value in val.metrics().items()},
@@ -206,8 +206,8 @@ def fit(
         }
         tracker.log_metrics(record, step=epoch)
         history.append({"epoch": epoch, **record})
-        if best_val is None or val.accuracy > best_val.accuracy:
-            best_val, best_epoch = val, epoch
+        if val.accuracy > best_accuracy:
+            best_accuracy, best_epoch = val.accuracy, epoch
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         log.info(
             "epoch %d/%d  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%  lr %.4g  %.1f s"
@@ -216,8 +216,8 @@ def fit(
             val.loss, 100 * val.accuracy, record["train/lr"], record["train/epoch_seconds"],
             record["train/images_per_second"],
         )  # fmt: skip
-    assert best_val is not None  # epochs >= 1 is validated in the config
     model.load_state_dict(best_state)
+    best_val = evaluate(forward, val_set, classes, normalization, runtime)
     return FitResult(best_epoch, best_val, normalization, history, global_step)
 
 
@@ -288,14 +288,21 @@ def evaluate(
     classes: tuple[str, ...],
     normalization: data.Normalization,
     runtime: Runtime,
+    tta: bool = True,
 ) -> Evaluation:
+    """Accuracy, loss and predictions; with `tta`, as the logged model predicts."""
     model.eval()
     images = runtime.put(images)
     loss_sum = torch.zeros((), device=runtime.device)
     predictions = []
     for batch, labels in data.batches(images, EVAL_BATCH_SIZE):
         with runtime.autocast():
-            log_proba = models.predict_log_proba(model, normalization(batch))
+            inputs = normalization(batch)
+            log_proba = (
+                models.predict_log_proba(model, inputs)
+                if tta
+                else model(inputs).float().log_softmax(dim=-1)
+            )
         loss_sum += nn.functional.nll_loss(log_proba, labels, reduction="sum")
         predictions.append(log_proba.argmax(dim=1))
     return Evaluation(
