@@ -86,6 +86,7 @@ def mlflow_run(folder: str, store: str, epochs: int) -> tuple[float, float]:
     """(seconds start to finish, test accuracy) of `mlflow run` with the defaults."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": store}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.pop("MLFLOW_EXPERIMENT_ID", None)  # set by mlflow.set_experiment in this process
     command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
                "--experiment-name", "speed-mlflow-run", "-P", f"epochs={epochs}",
                "-P", f"data={folder}", "-P", "register=false"]  # fmt: skip

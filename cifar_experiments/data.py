@@ -165,8 +165,17 @@ class Normalization:
 
     @classmethod
     def of(cls, images: torch.Tensor) -> Normalization:
-        pixels = images.transpose(0, 1).reshape(images.shape[1], -1).double() / 255
-        return cls(tuple(pixels.mean(dim=1).tolist()), tuple(pixels.std(dim=1).tolist()))
+        """Exact statistics of uint8 images from each channel's histogram of 256 levels,
+        without a float copy of the whole split."""
+        levels = torch.arange(256, dtype=torch.float64) / 255
+        means, stds = [], []
+        for channel in images.transpose(0, 1):
+            counts = torch.bincount(channel.flatten(), minlength=256).cpu().double()
+            share = counts / counts.sum()
+            mean = (share * levels).sum()
+            means.append(mean.item())
+            stds.append(((share * (levels - mean) ** 2).sum()).sqrt().item())
+        return cls(tuple(means), tuple(stds))
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Pixels (N, C, H, W) on the 0-255 scale, uint8 or float -> float32, centred and scaled

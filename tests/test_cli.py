@@ -14,6 +14,7 @@ from conftest import CLASSES, encode, synthetic_images
 import cifar_experiments
 from cifar_experiments import engine
 from cifar_experiments.cli import cli
+from cifar_experiments.config import RECIPES
 
 
 def train(*args: str) -> object:
@@ -178,7 +179,7 @@ def test_help_documents_every_option():
                    "--device", "--precision", "--compile", "--log-every", "--experiment-name",
                    "--run-name"):  # fmt: skip
         assert option in result.output, option
-    assert "airbench: batch_size=1024, lr=1.5" in result.output  # the recipes
+    assert f"airbench: batch_size={RECIPES['airbench']['batch_size']}," in result.output
 
 
 def test_airbench_logs_the_recipe_it_used_and_its_model_labels_images(image_folder):
@@ -188,7 +189,9 @@ def test_airbench_logs_the_recipe_it_used_and_its_model_labels_images(image_fold
     run = all_runs().iloc[0]
     assert run["status"] == "FINISHED"
     assert run["params.batch_size"] == "9"  # given
-    assert (run["params.lr"], run["params.label_smoothing"]) == ("1.5", "0.2")  # the recipe's
+    recipe = RECIPES["airbench"]
+    assert run["params.lr"] == str(recipe["lr"])  # the recipe's
+    assert run["params.label_smoothing"] == str(recipe["label_smoothing"])
     assert (run["params.nesterov"], run["params.lookahead"]) == ("True", "True")
     model = mlflow.pyfunc.load_model(f"runs:/{run['run_id']}/model")
     image = encode(synthetic_images(1, 0, 7)[0], "PNG")
