@@ -78,7 +78,9 @@ class TrainConfig:
     lookahead: bool | None = _doc(
         "Every 5 steps, pull the weights toward their slow moving average (airbench).", None
     )
-    augment: bool = _doc("Random flips and 2-pixel translations of training batches.", True)
+    augment: bool = _doc(
+        "Flips (each image every other epoch) and 2-pixel translations of training batches.", True
+    )
     data: str | None = _doc(
         "CIFAR-10 python folder or image folder (train/<class>/*, optional test/<class>/*); "
         "empty downloads CIFAR-10 with torchvision.",

@@ -200,7 +200,7 @@ def batches(images: ImageSet, batch_size: int) -> Iterator[tuple[torch.Tensor, t
 class TrainingSet:
     """A training split served as shuffled batches, optionally augmented: each image
     translated by up to `max_shift` pixels (reflecting at the border) and flipped left-right
-    half the time.
+    every other epoch.
 
     For augmentation every image is padded once, in both orientations, so a batch is one
     gather of crops from uint8 memory: no per-image Python and no float work, a tenth of the
@@ -216,6 +216,7 @@ class TrainingSet:
             both = torch.cat([padded, padded.flip(-1)])
             self.crops = both.unfold(2, h, 1).unfold(3, w, 1)  # 2N, C, dy, dx, H, W: a view
         self.max_shift = max_shift
+        self.flipped: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -231,15 +232,20 @@ class TrainingSet:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n, device = len(self), self.labels.device
         order = torch.randperm(n, generator=generator).to(device)
+        # Alternating flips (airbench): random in the first epoch, then each image the other
+        # way round from its last epoch, so consecutive epochs see both orientations.
+        if self.flipped is None:
+            self.flipped = torch.randint(0, 2, (n,), generator=generator).to(device)
+        else:
+            self.flipped = 1 - self.flipped
         for step in range(self.steps(batch_size)):
             idx = order[step * batch_size : (step + 1) * batch_size]
             if self.crops is None:
                 yield self.images[idx], self.labels[idx]
                 continue
             shifts = torch.randint(0, 2 * self.max_shift + 1, (2, len(idx)), generator=generator)
-            flipped = torch.randint(0, 2, (len(idx),), generator=generator)
-            dy, dx, flipped = shifts[0].to(device), shifts[1].to(device), flipped.to(device)
-            yield self.crops[idx + n * flipped, :, dy, dx], self.labels[idx]
+            dy, dx = shifts[0].to(device), shifts[1].to(device)
+            yield self.crops[idx + n * self.flipped[idx], :, dy, dx], self.labels[idx]
 
 
 # --- sources -------------------------------------------------------------------------------

@@ -160,6 +160,27 @@ def test_augmented_training_batches_keep_shapes_and_labels_and_only_move_pixels(
     assert 0 < flipped < 64
 
 
+def test_each_image_is_flipped_every_other_epoch():
+    images = torch.from_numpy(synthetic_images(32, 0, 5)).permute(0, 3, 1, 2).contiguous()
+    training = data.TrainingSet(data.ImageSet(images, torch.arange(32)), augment=True)
+    generator = torch.Generator().manual_seed(0)
+
+    def mirrored_ids() -> set[int]:
+        found = set()
+        for batch, ids in training.batches(8, generator):
+            for moved, i in zip(batch, ids.tolist(), strict=True):
+                centre = images[i][:, 8:24, 8:24]
+                windows = [moved[:, 8 + dy : 24 + dy, 8 + dx : 24 + dx] for dy in range(-2, 3)
+                           for dx in range(-2, 3)]  # fmt: skip
+                if not any(torch.equal(w, centre) for w in windows):
+                    found.add(i)
+        return found
+
+    first, second, third = mirrored_ids(), mirrored_ids(), mirrored_ids()
+    assert 0 < len(first) < 32
+    assert second == set(range(32)) - first and third == first
+
+
 def test_evaluation_batches_cover_every_image_once_in_order():
     images = _labelled([7, 6])
     seen = torch.cat([labels for _, labels in data.batches(images, 4)])
