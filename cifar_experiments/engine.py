@@ -60,10 +60,6 @@ class Runtime:
         return cls(torch.device(name), bf16)
 
     @property
-    def is_cuda(self) -> bool:
-        return self.device.type == "cuda"
-
-    @property
     def precision(self) -> str:
         return "bf16 autocast" if self.bf16 else "fp32"
 
