@@ -91,7 +91,8 @@ class Lookahead:
     early training runs free and the end averages over many steps."""
 
     def __init__(self, model: nn.Module, total_steps: int, every: int = 5) -> None:
-        self.total_steps, self.every = total_steps, every
+        # The module itself, not a compiled wrapper, whose state_dict names differ.
+        self.model, self.total_steps, self.every = model, total_steps, every
         self.slow = {
             name: tensor.detach().clone()
             for name, tensor in model.state_dict().items()
@@ -99,11 +100,11 @@ class Lookahead:
         }
 
     @torch.no_grad()
-    def step(self, model: nn.Module, global_step: int) -> None:
+    def step(self, global_step: int) -> None:
         if global_step % self.every and global_step != self.total_steps:
             return
         keep = 0.95**self.every * (global_step / self.total_steps) ** 3
-        live = model.state_dict()
+        live = self.model.state_dict()
         for name, slow in self.slow.items():
             slow.lerp_(live[name], 1 - keep)
             live[name].copy_(slow)
@@ -254,7 +255,7 @@ def train_one_epoch(
         scheduler.step()
         global_step += 1
         if lookahead is not None:
-            lookahead.step(model, global_step)
+            lookahead.step(global_step)
         window += 1
         loss_sum += loss.detach() * len(labels)
         window_loss += loss.detach()

@@ -106,9 +106,9 @@ def test_lookahead_restarts_the_weights_from_their_slow_average():
     lookahead = engine.Lookahead(net, total_steps=10, every=5)
     with torch.no_grad():
         net.weight.fill_(1.0)
-    lookahead.step(net, 4)  # not a sync step: nothing moves
+    lookahead.step(4)  # not a sync step: nothing moves
     assert net.weight.flatten().tolist() == [1.0, 1.0]
-    lookahead.step(net, 5)  # halfway: keeps 0.95**5 * 0.5**3 of the slow copy
+    lookahead.step(5)  # halfway: keeps 0.95**5 * 0.5**3 of the slow copy
     keep = 0.95**5 * 0.5**3
     torch.testing.assert_close(net.weight, torch.full((1, 2), 1 - keep))
     torch.testing.assert_close(lookahead.slow["weight"], net.weight)
