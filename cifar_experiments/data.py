@@ -232,12 +232,13 @@ class TrainingSet:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n, device = len(self), self.labels.device
         order = torch.randperm(n, generator=generator).to(device)
-        # Alternating flips (airbench): random in the first epoch, then each image the other
-        # way round from its last epoch, so consecutive epochs see both orientations.
-        if self.flipped is None:
-            self.flipped = torch.randint(0, 2, (n,), generator=generator).to(device)
-        else:
-            self.flipped = 1 - self.flipped
+        if self.crops is not None:
+            # Alternating flips (airbench): random in the first epoch, then each image the
+            # other way round from its last epoch, so consecutive epochs see both orientations.
+            if self.flipped is None:
+                self.flipped = torch.randint(0, 2, (n,), generator=generator).to(device)
+            else:
+                self.flipped = 1 - self.flipped
         for step in range(self.steps(batch_size)):
             idx = order[step * batch_size : (step + 1) * batch_size]
             if self.crops is None:
