@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -116,7 +117,21 @@ def _recipes_epilog() -> str:
     return "\n".join(lines)
 
 
-@cli.command(epilog=_recipes_epilog())
+@cli.command(
+    epilog=_recipes_epilog(),
+    # `mlflow run` hands on parameters it does not declare as `--batch_size 256`.
+    context_settings={"token_normalize_func": lambda name: name.replace("_", "-")},
+)
+@click.option(
+    "--resume",
+    "resume",
+    type=_OrEmpty(click.STRING),
+    default=None,
+    metavar="RUN_ID",
+    help="Continue this run from its last checkpoint, with its own options (those left at "
+    "their defaults take the run's values; others must match, but --data may move and "
+    "--device may change).",
+)
 @_option("epochs", type=int)
 @_option("model", type=click.Choice(MODEL_NAMES))
 @_option("batch_size", type=_OrEmpty(click.INT))
@@ -129,7 +144,7 @@ def _recipes_epilog() -> str:
 @_switch("lookahead")
 @_switch("augment")
 @_option("data", type=_OrEmpty(click.STRING), metavar="PATH")
-@_option("val_fraction", type=float)
+@_option("val_fraction", type=_OrEmpty(click.FLOAT))
 @_option("seed", type=int)
 @_option("device", type=click.Choice(DEVICES))
 @_option("precision", type=click.Choice(PRECISIONS))
@@ -137,33 +152,109 @@ def _recipes_epilog() -> str:
 @_option("log_every", type=int)
 @_option("experiment_name", type=str)
 @_option("run_name", type=_OrEmpty(click.STRING))
+@_option("checkpoint_dir", type=str, metavar="PATH")
 @_switch("register")
 @_option("model_name", type=str)
-def train(**options: Any) -> None:
+def train(resume: str | None, **options: Any) -> None:
     """Train a classifier and record everything in MLflow.
 
-    Ends with the run ID, the test accuracy and the command that opens the MLflow UI.
+    Ends with the run ID, the test accuracy and the command that opens the MLflow UI. Ctrl-C
+    or SIGTERM stops it after the current step, saves a checkpoint, marks the run KILLED and
+    prints the command that resumes it.
     """
-    try:
-        config = TrainConfig(**options)
-    except ConfigError as error:
-        raise click.BadParameter(error.message, param_hint=_hint(error.field)) from None
+    from . import experiment, interrupts
+    from .checkpoint import CheckpointError
 
-    from . import experiment, tracking
+    with interrupts.StopRequests().installed() as stop:
+        try:
+            prepared = _prepare(resume, options)
+            if prepared is None:
+                return
+            summary = experiment.train(prepared, stop)
+        except CheckpointError as error:  # a disk that filled up during training
+            raise click.ClickException(f"{error}; the run is marked FAILED") from None
+        except interrupts.Interrupted as interruption:
+            click.echo(_interrupted_message(interruption), err=True)
+            sys.exit(interruption.exit_code)
+        except KeyboardInterrupt:  # a second Ctrl-C outside the training loop
+            click.echo("Interrupted.", err=True)
+            sys.exit(130)
+    _echo_summary(summary)
+
+
+def _prepare(resume: str | None, options: dict[str, Any]) -> Any:
+    """Options -> a checked config, loaded data and, for --resume, the saved state; or None
+    when there is nothing to do. Every refusal here is a usage error and makes no run."""
+    from . import experiment
+    from .checkpoint import CheckpointError
     from .data import DataError
     from .engine import DeviceUnavailable
+    from .tracking import TrackingError
 
+    resumption = None
     try:
-        prepared = experiment.prepare(config)
+        if resume is not None:
+            project_run = os.environ.get("MLFLOW_RUN_ID")
+            if project_run not in (None, resume):
+                raise experiment.ResumeError(
+                    f"`mlflow run` made a new run ({project_run}) for this; resume the old one "
+                    f"in place with: {_resume_command(resume, project=True)}"
+                )
+            planned = experiment.plan_resume(resume, options)
+            if planned is None:
+                click.echo(f"Run {resume} has already finished; there is nothing to resume.")
+                return None
+            config, resumption = planned
+        else:
+            config = TrainConfig(**options)
+        return experiment.prepare(config, resumption)
+    except ConfigError as error:
+        raise click.BadParameter(error.message, param_hint=_hint(error.field)) from None
+    except (experiment.ResumeError, TrackingError) as error:
+        if resume is None:
+            raise click.ClickException(str(error)) from None
+        raise click.BadParameter(str(error), param_hint="'--resume'") from None
+    except CheckpointError as error:
+        raise click.BadParameter(str(error), param_hint=_hint("checkpoint_dir")) from None
     except DataError as error:
         raise click.BadParameter(str(error), param_hint=_hint("data")) from None
     except DeviceUnavailable as error:
         raise click.BadParameter(str(error), param_hint=_hint("device")) from None
-    try:
-        summary = experiment.train(prepared)
-    except KeyboardInterrupt:
-        click.echo("Interrupted: the run is marked KILLED.", err=True)
-        sys.exit(130)
+
+
+def _interrupted_message(interruption: Any) -> str:
+    if interruption.run_id is None:
+        return f"Stopped by {interruption.signal_name} before the run started."
+    saved = (
+        "its checkpoint holds the state at the stop"
+        if interruption.checkpointed
+        else "it resumes from its last checkpoint"
+    )
+    return (
+        f"Stopped by {interruption.signal_name}: run {interruption.run_id} is KILLED and {saved}."
+        f" Resume it with:\n  {_resume_command(interruption.run_id)}"
+    )
+
+
+def _resume_command(run_id: str, project: bool | None = None) -> str:
+    """The command that resumes `run_id` the way it was started: `mlflow run` in place (its
+    own --run-id, so no new run is made), or this CLI."""
+    if project is None:
+        project = "MLFLOW_RUN_ID" in os.environ
+    if not project:
+        return f"cifar-experiments train --resume {run_id}"
+    from .tracking import find_run
+
+    env_manager = find_run(run_id).env_manager or "local"
+    return (
+        f"mlflow run {shlex.quote(os.getcwd())} --run-id {run_id} -P resume={run_id} "
+        f"--env-manager {env_manager}"
+    )
+
+
+def _echo_summary(summary: Any) -> None:
+    from . import tracking
+
     result = (
         f"test accuracy {summary.test_accuracy:.2%}"
         if summary.test_accuracy is not None

@@ -31,6 +31,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "label_smoothing": 0.0,
         "schedule": "onecycle",
         "lookahead": False,
+        "val_fraction": 0.1,
     },
     # airbench94's published hyperparameters (Jordan, 2024), converted from its decoupled
     # "per 1024 examples" form (lr 11.5 / (1 + 1 / (1 - 0.85)) per 1024 images, decay
@@ -45,6 +46,10 @@ RECIPES: dict[str, dict[str, Any]] = {
         "label_smoothing": 0.2,
         "schedule": "onecycle",
         "lookahead": True,
+        # airbench's schedule always ends on its best epoch, so validation only measures the
+        # result and ranks runs, and 2 % (1,000 of CIFAR-10's 50,000 images) does that. The
+        # 4,000 images more it trains on gained 2 points on held-out images (benchmarks/README.md).
+        "val_fraction": 0.02,
     },
 }
 
@@ -86,8 +91,9 @@ class TrainConfig:
         "empty downloads CIFAR-10 with torchvision.",
         None,
     )
-    val_fraction: float = _doc(
-        "Share of training images held out, stratified, to pick the best epoch.", 0.1
+    val_fraction: float | None = _doc(
+        "Share of training images held out, stratified, to pick the best epoch and rank runs.",
+        None,
     )
     seed: int = _doc("Seed for the split, initialisation, shuffling and augmentation.", 0)
     device: str = _doc("Where to train; auto picks cuda, then mps, then cpu.", "auto")
@@ -102,6 +108,11 @@ class TrainConfig:
         "MLflow experiment (ignored under `mlflow run`, which chose one).", "cifar10"
     )
     run_name: str | None = _doc("MLflow run name; empty lets MLflow pick one.", None)
+    checkpoint_dir: str = _doc(
+        "Folder for each run's training state (<run id>.pt), saved after every epoch and on "
+        "interruption.",
+        "checkpoints",
+    )
     register: bool = _doc(
         "Register the model as a new version and move the `champion` alias to it when its "
         "validation accuracy beats the champion's.",
@@ -134,7 +145,7 @@ class TrainConfig:
         _one_of(self, "precision", PRECISIONS)
         if self.data is not None and not Path(self.data).exists():
             raise ConfigError("data", f"{self.data} does not exist")
-        for name in ("experiment_name", "model_name"):
+        for name in ("experiment_name", "model_name", "checkpoint_dir"):
             if not getattr(self, name).strip():
                 raise ConfigError(name, "must not be empty")
 

@@ -134,13 +134,15 @@ def encode_png(image: torch.Tensor) -> bytes:
 
 
 def stratified_split(images: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
-    """Hold out `val_fraction` of every class, the same images for the same seed."""
+    """Hold out `val_fraction` of every class (at least one image of each), the same images
+    for the same seed."""
     from sklearn.model_selection import train_test_split
 
     labels = images.labels.numpy()
+    held_out = max(round(val_fraction * len(labels)), len(np.unique(labels)))
     try:
         train_idx, val_idx = train_test_split(
-            np.arange(len(labels)), test_size=val_fraction, stratify=labels, random_state=seed
+            np.arange(len(labels)), test_size=held_out, stratify=labels, random_state=seed
         )
     except ValueError as error:
         raise DataError(f"cannot hold out {val_fraction:.0%} of every class: {error}") from error
@@ -228,8 +230,10 @@ class TrainingSet:
         return max(1, len(self) // batch_size)
 
     def batches(
-        self, batch_size: int, generator: torch.Generator
+        self, batch_size: int, generator: torch.Generator, start: int = 0
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of batches, all randomness drawn from `generator`. `start` skips that many
+        batches, drawing what they would have drawn: an interrupted epoch resumes exactly."""
         n, device = len(self), self.labels.device
         order = torch.randperm(n, generator=generator).to(device)
         if self.crops is not None:
@@ -242,11 +246,13 @@ class TrainingSet:
         for step in range(self.steps(batch_size)):
             idx = order[step * batch_size : (step + 1) * batch_size]
             if self.crops is None:
-                yield self.images[idx], self.labels[idx]
+                if step >= start:
+                    yield self.images[idx], self.labels[idx]
                 continue
             shifts = torch.randint(0, 2 * self.max_shift + 1, (2, len(idx)), generator=generator)
-            dy, dx = shifts[0].to(device), shifts[1].to(device)
-            yield self.crops[idx + n * self.flipped[idx], :, dy, dx], self.labels[idx]
+            if step >= start:
+                dy, dx = shifts[0].to(device), shifts[1].to(device)
+                yield self.crops[idx + n * self.flipped[idx], :, dy, dx], self.labels[idx]
 
 
 # --- sources -------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The training loop: fit, train one epoch, evaluate. Device and precision are decided here only.
 
-It reports numbers to anything with `log_metrics(metrics, step)` and knows nothing of MLflow.
+It reports numbers to anything with `log_metrics(metrics, step)` and `flush()`, and knows
+nothing of MLflow.
 """
 
 from __future__ import annotations
@@ -9,16 +10,18 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from . import data, models
+from .checkpoint import CheckpointFile
 from .config import TrainConfig
 from .evaluation import Evaluation
+from .interrupts import Interrupted, StopRequests
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,9 @@ INIT_SAMPLE = 5000
 
 class MetricSink(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def flush(self) -> None:
+        """Make every metric logged so far durable."""
 
 
 class DeviceUnavailable(ValueError):
@@ -161,6 +167,73 @@ def lr_factor(schedule: str, step: int, total_steps: int) -> float:
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
+@dataclass
+class Progress:
+    """How far training has got: `epoch` is the epoch under way and `step_in_epoch` the steps
+    of it already taken (0 between epochs). With `Training.state_dict()`, a checkpoint."""
+
+    epoch: int = 1
+    step_in_epoch: int = 0
+    global_step: int = 0
+    # Running sums of the epoch under way; they stay on the device, as reading them every
+    # step would stall a GPU.
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    best_accuracy: float = -1.0
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+@dataclass
+class Training:
+    """Everything an optimiser step changes. All the randomness of training (shuffling,
+    crops, flips) comes from `generator`; `epoch_start` is its state, and the flips, as the
+    epoch under way began, so an interrupted epoch can be replayed exactly."""
+
+    model: nn.Module
+    optimizer: torch.optim.SGD
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    lookahead: Lookahead | None
+    train_set: data.TrainingSet
+    generator: torch.Generator
+    epoch_start: dict[str, Any] = field(default_factory=dict)
+
+    def begin_epoch(self) -> None:
+        self.epoch_start = {
+            "generator": self.generator.get_state(),
+            "flipped": self.train_set.flipped,
+        }
+
+    def rewind_epoch(self) -> None:
+        self.generator.set_state(self.epoch_start["generator"])
+        flipped = self.epoch_start["flipped"]
+        self.train_set.flipped = (
+            flipped.to(self.train_set.labels.device) if flipped is not None else None
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "lookahead": self.lookahead.slow if self.lookahead is not None else None,
+            "epoch_start": self.epoch_start,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.lookahead is not None:
+            for name, slow in self.lookahead.slow.items():
+                slow.copy_(state["lookahead"][name])
+        self.epoch_start = state["epoch_start"]
+        self.rewind_epoch()
+
+
 def fit(
     config: TrainConfig,
     model: nn.Module,
@@ -169,8 +242,16 @@ def fit(
     classes: tuple[str, ...],
     tracker: MetricSink,
     runtime: Runtime,
+    checkpoints: CheckpointFile | None = None,
+    resume_from: dict[str, Any] | None = None,
+    stop: StopRequests | None = None,
 ) -> FitResult:
-    """Train for `config.epochs`, validate after each, and leave `model` at its best epoch."""
+    """Train for `config.epochs`, validate after each, and leave `model` at its best epoch.
+
+    With `checkpoints`, the whole training state is saved after every epoch and when `stop`
+    reports a signal (then `Interrupted` is raised); `resume_from` is such a saved state, and
+    training goes on from it exactly as if it had never stopped.
+    """
     normalization = data.Normalization.of(train_set.images)
     model = runtime.prepare_model(model)
     train_set, val_set = runtime.put(train_set), runtime.put(val_set)
@@ -179,103 +260,133 @@ def fit(
     # Weights are read and saved through `model`; `forward` may be its compiled twin.
     forward = torch.compile(model) if config.compile else model
     optimizer = make_optimizer(config, model)
-    training = data.TrainingSet(train_set, config.augment)
-    total_steps = config.epochs * training.steps(config.batch_size)
+    batches = data.TrainingSet(train_set, config.augment)
+    total_steps = config.epochs * batches.steps(config.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(config.schedule, step, total_steps)
     )
     lookahead = Lookahead(model, total_steps) if config.lookahead else None
     generator = torch.Generator().manual_seed(config.seed)
-    history: list[dict[str, float]] = []
-    best_accuracy, best_epoch, best_state, global_step = -1.0, 0, {}, 0
-    for epoch in range(1, config.epochs + 1):
-        started = time.perf_counter()
-        train_stats, global_step = train_one_epoch(
-            config, forward, training, normalization, optimizer, scheduler, generator,
-            tracker, runtime, epoch, global_step, lookahead,
-        )  # fmt: skip
-        # The curves follow the bare network; test-time augmentation waits for the best epoch.
-        val = evaluate(forward, val_set, classes, normalization, runtime, tta=False)
-        record = {
-            **train_stats,
-            **{f"val/{name}": value for name, value in val.metrics().items()},
-            "train/epoch_seconds": time.perf_counter() - started,
-        }
-        tracker.log_metrics(record, step=epoch)
-        history.append({"epoch": epoch, **record})
-        if val.accuracy > best_accuracy:
-            best_accuracy, best_epoch = val.accuracy, epoch
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        log.info(
-            "epoch %d/%d  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%  lr %.4g  %.1f s"
-            "  (%.0f img/s)",
-            epoch, config.epochs, record["train/epoch_loss"], 100 * record["train/accuracy"],
-            val.loss, 100 * val.accuracy, record["train/lr"], record["train/epoch_seconds"],
-            record["train/images_per_second"],
-        )  # fmt: skip
-    model.load_state_dict(best_state)
+    training = Training(model, optimizer, scheduler, lookahead, batches, generator)
+    progress = Progress()
+    if resume_from is not None:
+        training.load_state_dict(resume_from["training"])
+        progress = Progress(**resume_from["progress"])
+        progress.sums = {k: v.to(runtime.device) for k, v in progress.sums.items()}
+        log.info("Resuming at epoch %d, step %d", progress.epoch, progress.global_step)
+
+    def save_checkpoint() -> None:
+        if checkpoints is not None:
+            tracker.flush()  # the curves on record must reach as far as the checkpoint
+            checkpoints.save({"progress": progress.state_dict(), "training": training.state_dict()})
+
+    with stop.deferred() if stop is not None else contextlib.nullcontext():
+        while progress.epoch <= config.epochs:
+            epoch = progress.epoch
+            if progress.step_in_epoch == 0:
+                training.begin_epoch()
+            started = time.perf_counter()
+            train_stats = train_one_epoch(config, forward, training, normalization, progress,
+                                          tracker, runtime, stop)  # fmt: skip
+            if train_stats is None:
+                save_checkpoint()
+                raise Interrupted(stop.pending, checkpointed=checkpoints is not None)
+            # The curves follow the bare network; test-time augmentation waits for the best epoch.
+            val = evaluate(forward, val_set, classes, normalization, runtime, tta=False)
+            record = {
+                **train_stats,
+                **{f"val/{name}": value for name, value in val.metrics().items()},
+                "train/epoch_seconds": time.perf_counter() - started,
+            }
+            tracker.log_metrics(record, step=epoch)
+            progress.history.append({"epoch": epoch, **record})
+            if val.accuracy > progress.best_accuracy:
+                progress.best_accuracy, progress.best_epoch = val.accuracy, epoch
+                progress.best_state = {
+                    k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
+                }
+            log.info(
+                "epoch %d/%d  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%  lr %.4g"
+                "  %.1f s  (%.0f img/s)",
+                epoch, config.epochs, record["train/epoch_loss"], 100 * record["train/accuracy"],
+                val.loss, 100 * val.accuracy, record["train/lr"], record["train/epoch_seconds"],
+                record["train/images_per_second"],
+            )  # fmt: skip
+            progress.epoch, progress.step_in_epoch, progress.sums = epoch + 1, 0, {}
+            training.begin_epoch()
+            save_checkpoint()
+            if stop is not None and stop.pending is not None:
+                raise Interrupted(stop.pending, checkpointed=checkpoints is not None)
+    model.load_state_dict(progress.best_state)
     best_val = evaluate(forward, val_set, classes, normalization, runtime)
-    return FitResult(best_epoch, best_val, normalization, history, global_step)
+    return FitResult(
+        progress.best_epoch, best_val, normalization, progress.history, progress.global_step
+    )
 
 
 def train_one_epoch(
     config: TrainConfig,
     model: nn.Module,
-    train_set: data.TrainingSet,
+    training: Training,
     normalization: data.Normalization,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    generator: torch.Generator,
+    progress: Progress,
     tracker: MetricSink,
     runtime: Runtime,
-    epoch: int,
-    global_step: int,
-    lookahead: Lookahead | None = None,
-) -> tuple[dict[str, float], int]:
+    stop: StopRequests | None = None,
+) -> dict[str, float] | None:
+    """Train from `progress.step_in_epoch` to the end of the epoch, and return its statistics;
+    or return None as soon as `stop` has a signal pending, with `progress` up to date."""
     model.train()
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    # Sums stay on the device: reading them every step would stall a GPU.
-    loss_sum = torch.zeros((), device=runtime.device)
-    window_loss = torch.zeros((), device=runtime.device)
-    correct = torch.zeros((), dtype=torch.int64, device=runtime.device)
-    window = 0
-    started = time.perf_counter()
-    steps = train_set.steps(config.batch_size)
-    progress = tqdm(
-        total=steps, desc=f"epoch {epoch}/{config.epochs}", unit="step", leave=False, disable=None
-    )
-    for images, labels in train_set.batches(config.batch_size, generator):
+    sums = progress.sums or {
+        name: torch.zeros((), dtype=dtype, device=runtime.device)
+        for name, dtype in (("loss", torch.float32), ("window_loss", torch.float32),
+                            ("correct", torch.int64), ("window", torch.int64))
+    }  # fmt: skip
+    progress.sums = sums
+    started, first_step = time.perf_counter(), progress.step_in_epoch
+    steps = training.train_set.steps(config.batch_size)
+    progress_bar = tqdm(
+        total=steps, initial=first_step, desc=f"epoch {progress.epoch}/{config.epochs}",
+        unit="step", leave=False, disable=None,
+    )  # fmt: skip
+    batches = training.train_set.batches(config.batch_size, training.generator, first_step)
+    for images, labels in batches:
         inputs = normalization(images)
         with runtime.autocast():
             logits = model(inputs)
             loss = loss_fn(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
+        training.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        scheduler.step()
-        global_step += 1
-        if lookahead is not None:
-            lookahead.step(global_step)
-        window += 1
-        loss_sum += loss.detach() * len(labels)
-        window_loss += loss.detach()
-        correct += (logits.argmax(dim=1) == labels).sum()
-        if window == config.log_every:
-            mean_loss = window_loss.item() / window
-            tracker.log_metrics({"train/loss": mean_loss}, step=global_step)
-            progress.set_postfix(loss=f"{mean_loss:.3f}")
-            window_loss.zero_()
-            window = 0
-        progress.update()
-    progress.close()
+        training.optimizer.step()
+        training.scheduler.step()
+        progress.global_step += 1
+        progress.step_in_epoch += 1
+        if training.lookahead is not None:
+            training.lookahead.step(progress.global_step)
+        sums["loss"] += loss.detach() * len(labels)
+        sums["window_loss"] += loss.detach()
+        sums["window"] += 1
+        sums["correct"] += (logits.argmax(dim=1) == labels).sum()
+        if progress.global_step % config.log_every == 0:
+            mean_loss = (sums["window_loss"] / sums["window"]).item()
+            tracker.log_metrics({"train/loss": mean_loss}, step=progress.global_step)
+            progress_bar.set_postfix(loss=f"{mean_loss:.3f}")
+            sums["window_loss"].zero_()
+            sums["window"].zero_()
+        progress_bar.update()
+        if stop is not None and stop.pending is not None and progress.step_in_epoch < steps:
+            progress_bar.close()
+            return None
+    progress_bar.close()
     seconds = time.perf_counter() - started
-    seen = steps * min(config.batch_size, len(train_set))
+    seen = steps * min(config.batch_size, len(training.train_set))
     return {
-        "train/epoch_loss": loss_sum.item() / seen,
-        "train/accuracy": correct.item() / seen,
-        "train/lr": scheduler.get_last_lr()[0],
-        "train/images_per_second": seen / seconds,
-    }, global_step
+        "train/epoch_loss": sums["loss"].item() / seen,
+        "train/accuracy": sums["correct"].item() / seen,
+        "train/lr": training.scheduler.get_last_lr()[0],
+        "train/images_per_second": (progress.step_in_epoch - first_step) * seen / steps / seconds,
+    }
 
 
 @torch.no_grad()

@@ -2,18 +2,43 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import platform
+import socket
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import mlflow
 import torch
 
-from . import data, engine, models, registry, tracking
-from .config import TrainConfig
+from . import checkpoint, data, engine, models, registry, tracking
+from .config import TrainConfig, field_default
 from .evaluation import Evaluation, curves_figure
+from .interrupts import Interrupted, StopRequests
 
 log = logging.getLogger(__name__)
+
+
+# Options a resumed run may take anew; every other one must be the run's own.
+CHANGEABLE_ON_RESUME = frozenset(
+    {"data", "checkpoint_dir", "device", "compile", "register", "model_name",
+     "experiment_name", "run_name"}
+)  # fmt: skip
+
+
+class ResumeError(ValueError):
+    """A run cannot be resumed as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Resumption:
+    """A run to continue, and the training state it continues from."""
+
+    run_id: str
+    state: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -25,6 +50,7 @@ class Prepared:
     train: data.ImageSet
     val: data.ImageSet
     runtime: engine.Runtime
+    resumption: Resumption | None = None
 
 
 @dataclass(frozen=True)
@@ -36,37 +62,118 @@ class Summary:
     registration: registry.Registration | None = None
 
 
-def prepare(config: TrainConfig) -> Prepared:
-    """Load and split the data and find the device; raises DataError or DeviceUnavailable."""
+def prepare(config: TrainConfig, resumption: Resumption | None = None) -> Prepared:
+    """Check the store, the checkpoint folder and the device, then load and split the data.
+
+    Raises TrackingError, CheckpointError, DeviceUnavailable, DataError or ResumeError, each
+    before a run exists.
+    """
+    tracking.check_store()
+    checkpoint.check_writable(Path(config.checkpoint_dir))
     runtime = engine.Runtime.resolve(config.device, config.precision)
     dataset = data.load_dataset(config.data)
+    if resumption is not None:
+        trained_on = resumption.state["meta"]["data_digest"]
+        if dataset.digest != trained_on:
+            raise ResumeError(
+                f"the data in {dataset.source} (digest {dataset.digest}) is not the data run "
+                f"{resumption.run_id} was trained on (digest {trained_on})"
+            )
     train, val = data.stratified_split(dataset.train, config.val_fraction, config.seed)
-    return Prepared(config, dataset, train, val, runtime)
+    return Prepared(config, dataset, train, val, runtime, resumption)
 
 
-def run(prepared: Prepared, tracker: tracking.Tracker) -> Summary:
-    config, dataset = prepared.config, prepared.dataset
+def plan_resume(run_id: str, options: dict[str, Any]) -> tuple[TrainConfig, Resumption] | None:
+    """The configuration and saved state to continue `run_id` with, or None if it finished.
+
+    Options left at their defaults take the run's values; any other must match the run's,
+    except those in CHANGEABLE_ON_RESUME.
+    """
+    try:
+        past = tracking.find_run(run_id)
+    except ValueError as error:
+        raise ResumeError(str(error)) from None
+    if past.status == "FINISHED":
+        return None
+    if past.status == "RUNNING" and _alive(past.process):
+        raise ResumeError(f"run {run_id} is still RUNNING, in process {past.process}")
+    path = past.checkpoint
+    if path is None or not path.is_file():
+        folder = Path(options.get("checkpoint_dir") or field_default("checkpoint_dir"))
+        path = tracking.download_checkpoint(run_id, folder / f"{run_id}-downloaded")
+    if path is None:
+        raise ResumeError(
+            f"run {run_id} has no checkpoint: it stopped before its first epoch ended, so "
+            "there is nothing to resume; start a new run"
+        )
+    state = checkpoint.load(path)
+    original = state["meta"]["config"]
+    conflicts = [
+        f"--{name.replace('_', '-')} {original[name]}"
+        for name, value in options.items()
+        if name not in CHANGEABLE_ON_RESUME
+        and value != field_default(name)
+        and value != original[name]
+    ]
+    if conflicts:
+        raise ResumeError(
+            f"run {run_id} was trained with {', '.join(conflicts)}; a resumed run keeps its "
+            "own options, so leave these out or give the run's values"
+        )
+    changes = {
+        name: value
+        for name, value in options.items()
+        if name in CHANGEABLE_ON_RESUME and value != field_default(name)
+    }
+    return TrainConfig(**{**original, **changes}), Resumption(run_id, state)
+
+
+def _alive(process: str | None) -> bool:
+    """Whether "host:pid" names a live process; one on another host is assumed alive."""
+    if not process:
+        return False
+    host, _, pid = process.rpartition(":")
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run(
+    prepared: Prepared,
+    tracker: tracking.Tracker,
+    checkpoints: checkpoint.CheckpointFile | None = None,
+    stop: StopRequests | None = None,
+) -> Summary:
+    config, dataset, resumption = prepared.config, prepared.dataset, prepared.resumption
     torch.manual_seed(config.seed)
     net = models.build_model(config.model, num_classes=len(dataset.classes))
-    tracker.log_params(
-        {
-            **config.as_params(),
-            "device": str(prepared.runtime.device),
-            "compute_precision": prepared.runtime.precision,
-            "parameter_count": models.parameter_count(net),
-            "train_size": len(prepared.train),
-            "val_size": len(prepared.val),
-            "test_size": len(dataset.test) if dataset.test is not None else 0,
-            "num_classes": len(dataset.classes),
-            "torch_version": torch.__version__,
-            "mlflow_version": mlflow.__version__,
-            "python_version": platform.python_version(),
-        }
-    )
-    tracker.log_dataset(dataset)
+    if resumption is None:
+        tracker.log_params(
+            {
+                **config.as_params(),
+                "device": str(prepared.runtime.device),
+                "compute_precision": prepared.runtime.precision,
+                "parameter_count": models.parameter_count(net),
+                "train_size": len(prepared.train),
+                "val_size": len(prepared.val),
+                "test_size": len(dataset.test) if dataset.test is not None else 0,
+                "num_classes": len(dataset.classes),
+                "torch_version": torch.__version__,
+                "mlflow_version": mlflow.__version__,
+                "python_version": platform.python_version(),
+            }
+        )
+        tracker.log_dataset(dataset)
     fit = engine.fit(
-        config, net, prepared.train, prepared.val, dataset.classes, tracker, prepared.runtime
-    )
+        config, net, prepared.train, prepared.val, dataset.classes, tracker, prepared.runtime,
+        checkpoints, resumption.state if resumption is not None else None, stop,
+    )  # fmt: skip
     tracker.log_metrics({tracking.BEST_VAL_METRIC: fit.best_val.accuracy}, step=fit.best_epoch)
     tracker.log_evaluation("val", fit.best_val)
     tracker.log_figure(curves_figure(fit.history), "training_curves.png")
@@ -95,15 +202,28 @@ def run(prepared: Prepared, tracker: tracking.Tracker) -> Summary:
     )
 
 
-def train(prepared: Prepared) -> Summary:
-    """Run inside an MLflow run that ends FINISHED, FAILED or KILLED; then register it."""
-    with tracking.mlflow_run(prepared.config) as tracker:
-        summary = run(prepared, tracker)
-    if not prepared.config.register or summary.run_id is None:
+def train(prepared: Prepared, stop: StopRequests | None = None) -> Summary:
+    """Run inside an MLflow run that ends FINISHED, FAILED or KILLED; then register it.
+
+    The training state is checkpointed after every epoch and on a stop request; a stopped
+    run raises Interrupted, carrying its run ID.
+    """
+    config, resumption = prepared.config, prepared.resumption
+    resume_run_id = resumption.run_id if resumption is not None else None
+    with tracking.mlflow_run(config, resume_run_id) as tracker:
+        checkpoints = checkpoint.CheckpointFile(
+            Path(config.checkpoint_dir).resolve() / f"{tracker.run_id}.pt",
+            meta={"config": dataclasses.asdict(config), "data_digest": prepared.dataset.digest},
+        )
+        tracker.record_checkpoint(checkpoints.path)
+        try:
+            summary = run(prepared, tracker, checkpoints, stop)
+        except Interrupted as interruption:
+            interruption.run_id = tracker.run_id
+            raise
+    if not config.register or summary.run_id is None:
         return summary
-    return replace(
-        summary, registration=registry.register_run(summary.run_id, prepared.config.model_name)
-    )
+    return replace(summary, registration=registry.register_run(summary.run_id, config.model_name))
 
 
 def _description(prepared: Prepared, fit: engine.FitResult, test: Evaluation | None) -> str:

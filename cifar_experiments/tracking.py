@@ -8,13 +8,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
+import socket
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlflow
 import torch
@@ -23,13 +26,16 @@ from matplotlib.figure import Figure
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric, RunStatus
+from mlflow.exceptions import MlflowException
 
 from . import serving
 from .config import TrainConfig
 from .data import Dataset, Normalization
 from .evaluation import Evaluation
+from .interrupts import Interrupted
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 WEIGHTS_FILE = "cifar_net.pth"
 # The run-level figure that model selection reads: validation accuracy of the best epoch.
@@ -38,6 +44,14 @@ MODEL_NAME = "model"
 # Set by `mlflow run` for the process it starts: the run it made for us to fill in.
 PROJECT_RUN_ENV = "MLFLOW_RUN_ID"
 ERROR_TAG = "error"
+# Where the run keeps its training state on this machine, and who is running it.
+CHECKPOINT_TAG = "checkpoint"
+PROCESS_TAG = "process"
+CHECKPOINT_ARTIFACT_DIR = "checkpoint"
+
+
+class TrackingError(ValueError):
+    """The tracking store cannot be used, or lacks what was asked of it."""
 
 
 class Tracker:
@@ -49,6 +63,9 @@ class Tracker:
         pass
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
     def log_dataset(self, dataset: Dataset) -> None:
@@ -79,10 +96,17 @@ class MlflowTracker(Tracker):
     # a training step less, and MLflow's own async queue competes with training for 2 cores.
     FLUSH_SECONDS = 5.0
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, resumed: bool = False) -> None:
         self.run_id = run_id
+        self.checkpoint: Path | None = None
         self._pending: list[Metric] = []
         self._flushed_at = time.monotonic()
+        # A resumed run may replay steps it logged before it stopped; each step is kept once.
+        self._logged_through = _last_steps(run_id) if resumed else {}
+
+    def record_checkpoint(self, path: Path) -> None:
+        self.checkpoint = path
+        mlflow.set_tag(CHECKPOINT_TAG, str(path))
 
     def log_params(self, params: dict[str, Any]) -> None:
         # `mlflow run` has already logged its entry-point parameters, as typed on its command
@@ -92,13 +116,21 @@ class MlflowTracker(Tracker):
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         timestamp = int(time.time() * 1000)
-        self._pending += [Metric(k, float(v), timestamp, step) for k, v in metrics.items()]
+        self._pending += [
+            Metric(k, float(v), timestamp, step)
+            for k, v in metrics.items()
+            if step > self._logged_through.get(k, -1)
+        ]
         if time.monotonic() - self._flushed_at >= self.FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
         if self._pending:
-            mlflow.MlflowClient().log_batch(self.run_id, metrics=self._pending)
+            client = mlflow.MlflowClient()
+            # MLflow takes at most 1000 metrics a call.
+            for start in range(0, len(self._pending), 1000):
+                batch = self._pending[start : start + 1000]
+                _with_retries(lambda batch=batch: client.log_batch(self.run_id, metrics=batch))
         self._pending = []
         self._flushed_at = time.monotonic()
 
@@ -157,19 +189,25 @@ class MlflowTracker(Tracker):
 
 
 @contextmanager
-def mlflow_run(config: TrainConfig) -> Iterator[MlflowTracker]:
-    """Start a run (or continue the one `mlflow run` made) and always end it.
+def mlflow_run(config: TrainConfig, resume_run_id: str | None = None) -> Iterator[MlflowTracker]:
+    """Start a run (or continue the one `mlflow run` made, or `resume_run_id`) and always end it.
 
-    FINISHED on success, KILLED on Ctrl-C, FAILED with the error in a tag on an exception.
+    FINISHED on success; KILLED on Ctrl-C or SIGTERM; FAILED, with the error in a tag, on an
+    exception. The run's last checkpoint, if any, is logged as an artifact on every path.
     """
-    if PROJECT_RUN_ENV not in os.environ:
+    if PROJECT_RUN_ENV not in os.environ and resume_run_id is None:
         mlflow.set_experiment(config.experiment_name)
-    run = mlflow.start_run(run_name=config.run_name, log_system_metrics=True)
-    tracker = MlflowTracker(run.info.run_id)
+    run = _with_retries(
+        lambda: mlflow.start_run(
+            run_id=resume_run_id, run_name=config.run_name, log_system_metrics=True
+        )
+    )
+    tracker = MlflowTracker(run.info.run_id, resumed=resume_run_id is not None)
+    mlflow.set_tag(PROCESS_TAG, f"{socket.gethostname()}:{os.getpid()}")
     try:
         yield tracker
-    except KeyboardInterrupt:
-        _end(tracker, RunStatus.KILLED, "interrupted")
+    except (KeyboardInterrupt, Interrupted) as interruption:
+        _end(tracker, RunStatus.KILLED, str(interruption) or "interrupted")
         raise
     except BaseException as error:
         _end(tracker, RunStatus.FAILED, f"{type(error).__name__}: {error}")
@@ -183,8 +221,94 @@ def _end(tracker: MlflowTracker, status: int, error: str | None = None) -> None:
         tracker.flush()
         if error:
             mlflow.set_tag(ERROR_TAG, error[:5000])
+        if tracker.checkpoint is not None and tracker.checkpoint.is_file():
+            mlflow.log_artifact(str(tracker.checkpoint), CHECKPOINT_ARTIFACT_DIR)
     finally:
         mlflow.end_run(RunStatus.to_string(status))
+
+
+@dataclass(frozen=True)
+class PastRun:
+    """What resuming needs to know of an earlier run."""
+
+    run_id: str
+    status: str
+    checkpoint: Path | None
+    process: str | None  # "host:pid" of the process that last ran it
+    env_manager: str | None  # how `mlflow run` made its environment, if it started the run
+
+
+def find_run(run_id: str) -> PastRun:
+    """Look up a run to resume; raises TrackingError when there is no such run."""
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException as error:
+        raise TrackingError(f"no run {run_id} in {tracking_uri()}") from error
+    tags = run.data.tags
+    path = tags.get(CHECKPOINT_TAG)
+    return PastRun(
+        run_id,
+        run.info.status,
+        Path(path) if path else None,
+        tags.get(PROCESS_TAG),
+        tags.get("mlflow.project.env"),
+    )
+
+
+def download_checkpoint(run_id: str, destination: Path) -> Path | None:
+    """The run's last checkpoint from its artifacts, for when the local file is gone."""
+    client = mlflow.MlflowClient()
+    logged = [f.path for f in client.list_artifacts(run_id, CHECKPOINT_ARTIFACT_DIR)]
+    if not logged:
+        return None
+    destination.mkdir(parents=True, exist_ok=True)
+    return Path(client.download_artifacts(run_id, logged[0], str(destination)))
+
+
+def check_store() -> None:
+    """Fail in seconds, before any data is read, when the tracking store cannot be reached.
+
+    MLflow would otherwise retry an unanswering server for minutes, at the first metric.
+    """
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {name: os.environ.get(name) for name in quick}
+    os.environ.update(quick)
+    try:
+        mlflow.MlflowClient().search_experiments(max_results=1)
+    except Exception as error:  # each store type fails in its own way
+        raise TrackingError(
+            f"cannot reach the MLflow tracking store {tracking_uri()}: "
+            f"{getattr(error, 'message', None) or error}"
+        ) from error
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _last_steps(run_id: str) -> dict[str, int]:
+    client = mlflow.MlflowClient()
+    return {
+        key: max(m.step for m in client.get_metric_history(run_id, key))
+        for key in client.get_run(run_id).data.metrics
+    }
+
+
+def _with_retries(call: Callable[[], T], attempts: int = 8) -> T:
+    """`call`, tried again with growing pauses while SQLite reports its database locked:
+    several trainings writing to one SQLite file take turns, and each waits only 5 s."""
+    for attempt in range(attempts - 1):
+        try:
+            return call()
+        except Exception as error:
+            if "database is locked" not in str(error):
+                raise
+            pause = 0.5 * 2**attempt * (1 + random.random())
+            log.warning("The tracking store is busy; retrying in %.1f s", pause)
+            time.sleep(pause)
+    return call()
 
 
 def mark_project_run_failed(message: str) -> None:

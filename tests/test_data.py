@@ -129,9 +129,14 @@ def test_split_is_stratified_reproducible_and_disjoint():
     assert ids(train).isdisjoint(ids(val)) and len(ids(train) | ids(val)) == len(images)
 
 
-def test_split_too_small_for_every_class_is_a_clear_error():
+def test_a_small_split_still_holds_out_every_class():
+    train, val = data.stratified_split(_labelled([2, 2, 2]), 0.1, seed=0)
+    assert torch.bincount(val.labels).tolist() == torch.bincount(train.labels).tolist() == [1] * 3
+
+
+def test_a_class_too_small_to_split_is_a_clear_error():
     with pytest.raises(data.DataError, match="every class"):
-        data.stratified_split(_labelled([2, 2, 2]), 0.1, seed=0)
+        data.stratified_split(_labelled([1, 2, 2]), 0.1, seed=0)
 
 
 def test_augmented_training_batches_keep_shapes_and_labels_and_only_move_pixels():

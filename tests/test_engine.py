@@ -1,9 +1,13 @@
+import signal
+
 import pytest
 import torch
 from conftest import synthetic_images
 
-from cifar_experiments import data, engine, models
+from cifar_experiments import checkpoint, data, engine, models
+from cifar_experiments.checkpoint import CheckpointFile
 from cifar_experiments.config import TrainConfig
+from cifar_experiments.interrupts import Interrupted, StopRequests
 
 
 class RecordingTracker:
@@ -13,6 +17,9 @@ class RecordingTracker:
     def log_metrics(self, metrics, step):
         for name, value in metrics.items():
             self.points.setdefault(name, []).append((step, value))
+
+    def flush(self):
+        pass
 
 
 def tiny_set(per_class: int, seed: int) -> data.ImageSet:
@@ -133,3 +140,94 @@ def test_bf16_is_used_only_where_asked_or_native():
     assert engine.Runtime.resolve("cpu", "bf16").bf16 is True
     native = torch.cpu.get_capabilities().get("avx512_bf16", False)
     assert engine.Runtime.resolve("cpu", "auto").bf16 is bool(native)
+
+
+class StopAtStep(RecordingTracker):
+    """Raises the stop flag, as a SIGINT would, once the training loss of `step` is logged."""
+
+    def __init__(self, stop: StopRequests, step: int):
+        super().__init__()
+        self.stop, self.step = stop, step
+
+    def log_metrics(self, metrics, step):
+        super().log_metrics(metrics, step)
+        if "train/loss" in metrics and step == self.step:
+            self.stop.pending = signal.SIGINT
+
+
+TIMINGS = {"train/epoch_seconds", "train/images_per_second"}
+
+
+@pytest.mark.parametrize(("name", "stop_step"), [("tutorial", 5), ("airbench", 6)])
+def test_interrupted_and_resumed_training_equals_an_uninterrupted_one(tmp_path, name, stop_step):
+    # 3 steps an epoch: step 5 stops mid-epoch, step 6 at an epoch's end. Airbench brings
+    # lookahead, flips that alternate by epoch and batch-norm statistics into the state.
+    config = TrainConfig(model=name, epochs=3, batch_size=8, log_every=1, seed=4)
+    runtime = engine.Runtime.resolve("cpu", "fp32")
+    train, val = tiny_set(9, 0), tiny_set(3, 50)
+
+    def fit(path, tracker, resume_from=None, stop=None):
+        torch.manual_seed(config.seed)
+        net = models.build_model(name, num_classes=3)
+        checkpoints = CheckpointFile(tmp_path / path, meta={"name": name})
+        result = engine.fit(config, net, train, val, ("r", "g", "b"), tracker, runtime,
+                            checkpoints, resume_from, stop)  # fmt: skip
+        return net, result
+
+    twin_tracker = RecordingTracker()
+    twin, _ = fit("twin.pt", twin_tracker)
+
+    stop = StopRequests()
+    first = StopAtStep(stop, stop_step)
+    with pytest.raises(Interrupted) as stopped:
+        fit("run.pt", first, stop=stop)
+    assert stopped.value.checkpointed and stopped.value.exit_code == 130
+    saved = checkpoint.load(tmp_path / "run.pt")
+    assert saved["progress"]["global_step"] == stop_step
+    assert saved["meta"] == {"name": name}
+
+    second = RecordingTracker()
+    resumed, result = fit("run.pt", second, resume_from=saved)
+
+    assert result.global_step == 9
+    for metric, points in twin_tracker.points.items():
+        if metric not in TIMINGS:
+            assert first.points.get(metric, []) + second.points[metric] == points, metric
+    for key, value in twin.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    last = checkpoint.load(tmp_path / "run.pt")["training"]["model"]
+    for key, value in checkpoint.load(tmp_path / "twin.pt")["training"]["model"].items():
+        torch.testing.assert_close(last[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_checkpoint_files_hold_only_tensors_and_plain_values(tmp_path):
+    path = tmp_path / "state.pt"
+    checkpoint.save({"weights": torch.ones(2), "epoch": 3}, path)
+    assert checkpoint.load(path)["epoch"] == 3
+    assert not list(tmp_path.glob(".*partial"))  # written through a temporary file
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    torch.save({"format": checkpoint.FORMAT, "payload": Payload()}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot read checkpoint"):
+        checkpoint.load(path)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(checkpoint.CheckpointError, match=str(path)):
+        checkpoint.load(path)
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "state.pt"
+    checkpoint.save({"epoch": 1}, path)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(checkpoint.CheckpointError, match="No space left on device"):
+        checkpoint.save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert checkpoint.load(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
