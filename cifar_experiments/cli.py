@@ -165,6 +165,8 @@ def train(resume: str | None, **options: Any) -> None:
     from . import experiment, interrupts
     from .checkpoint import CheckpointError
 
+    # MLflow clears this variable once it has taken up the run, so note it first.
+    under_mlflow_run = "MLFLOW_RUN_ID" in os.environ
     with interrupts.StopRequests().installed() as stop:
         try:
             prepared = _prepare(resume, options)
@@ -174,7 +176,7 @@ def train(resume: str | None, **options: Any) -> None:
         except CheckpointError as error:  # a disk that filled up during training
             raise click.ClickException(f"{error}; the run is marked FAILED") from None
         except interrupts.Interrupted as interruption:
-            click.echo(_interrupted_message(interruption), err=True)
+            click.echo(_interrupted_message(interruption, under_mlflow_run), err=True)
             sys.exit(interruption.exit_code)
         except KeyboardInterrupt:  # a second Ctrl-C outside the training loop
             click.echo("Interrupted.", err=True)
@@ -222,7 +224,7 @@ def _prepare(resume: str | None, options: dict[str, Any]) -> Any:
         raise click.BadParameter(str(error), param_hint=_hint("device")) from None
 
 
-def _interrupted_message(interruption: Any) -> str:
+def _interrupted_message(interruption: Any, under_mlflow_run: bool) -> str:
     if interruption.run_id is None:
         return f"Stopped by {interruption.signal_name} before the run started."
     saved = (
@@ -232,15 +234,13 @@ def _interrupted_message(interruption: Any) -> str:
     )
     return (
         f"Stopped by {interruption.signal_name}: run {interruption.run_id} is KILLED and {saved}."
-        f" Resume it with:\n  {_resume_command(interruption.run_id)}"
+        f" Resume it with:\n  {_resume_command(interruption.run_id, under_mlflow_run)}"
     )
 
 
-def _resume_command(run_id: str, project: bool | None = None) -> str:
+def _resume_command(run_id: str, project: bool) -> str:
     """The command that resumes `run_id` the way it was started: `mlflow run` in place (its
     own --run-id, so no new run is made), or this CLI."""
-    if project is None:
-        project = "MLFLOW_RUN_ID" in os.environ
     if not project:
         return f"cifar-experiments train --resume {run_id}"
     from .tracking import find_run

@@ -1,0 +1,225 @@
+"""Real training processes stopped by signals, crashing, and sharing one SQLite store.
+
+Each test starts `cifar-experiments train` (or `mlflow run`) as a user would and checks what
+MLflow holds afterwards: no run left RUNNING, no metric step lost or logged twice, and a
+resumed run ending exactly where an uninterrupted twin ends.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from conftest import CLASSES, encode, synthetic_images
+
+from cifar_experiments import checkpoint
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+EPOCHS = 5
+# Small batches make each epoch last long enough (about a second) to be interrupted in.
+OPTIONS = ["--epochs", str(EPOCHS), "--batch-size", "2", "--log-every", "1", "--seed", "3"]
+TIMINGS = {"train/epoch_seconds", "train/images_per_second"}
+LIMIT = 240  # seconds any one process may take
+
+
+@pytest.fixture(scope="module")
+def data_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("reliability-data")
+    for split, count in (("train", 100), ("test", 10)):
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i, image in enumerate(synthetic_images(count, label, seed=label + 10 * count)):
+                (folder / f"{i:04d}.png").write_bytes(encode(image, "PNG"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> dict[str, str]:
+    """One SQLite store and decode cache for the module's processes, and their environment."""
+    root = tmp_path_factory.mktemp("reliability-store")
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "CIFAR_EXPERIMENTS_CACHE": str(root / "cache"),
+        "PATH": path,
+    }
+
+
+def client(env: dict[str, str]) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cifar_experiments", "train", *args]
+
+
+def start(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    # A session of its own, like a job in a terminal: a signal can reach its whole group.
+    return subprocess.Popen(
+        command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=LIMIT)
+    return process.returncode, out, err
+
+
+def run_named(env: dict[str, str], name: str) -> mlflow.entities.Run:
+    runs = client(env).search_runs(
+        [e.experiment_id for e in client(env).search_experiments()],
+        filter_string=f"attributes.run_name = '{name}'",
+    )
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return runs[0]
+
+
+def wait_for_first_epoch(env: dict[str, str], name: str, process: subprocess.Popen) -> str:
+    """The run's ID, once its first epoch's validation accuracy is in the store."""
+    deadline = time.monotonic() + LIMIT
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        try:
+            run = run_named(env, name)
+            if client(env).get_metric_history(run.info.run_id, "val/accuracy"):
+                return run.info.run_id
+        except (AssertionError, mlflow.exceptions.MlflowException):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"run {name} showed no epoch within {LIMIT} s")
+
+
+def histories(env: dict[str, str], run_id: str) -> dict[str, list[tuple[int, float]]]:
+    c = client(env)
+    return {
+        key: sorted((m.step, m.value) for m in c.get_metric_history(run_id, key))
+        for key in c.get_run(run_id).data.metrics
+    }
+
+
+def final_weights(run: mlflow.entities.Run) -> dict[str, torch.Tensor]:
+    return checkpoint.load(Path(run.data.tags["checkpoint"]))["training"]["model"]
+
+
+@pytest.fixture(scope="module")
+def twin(data_folder, store, tmp_path_factory) -> mlflow.entities.Run:
+    """The uninterrupted training every resumed one must match."""
+    cwd = tmp_path_factory.mktemp("twin")
+    code, _, err = finish(start(cli(*OPTIONS, "--data", str(data_folder), "--run-name", "twin",
+                                    "--no-register"), store, cwd))  # fmt: skip
+    assert code == 0, err[-3000:]
+    return run_named(store, "twin")
+
+
+def assert_same_as_twin(env: dict[str, str], run: mlflow.entities.Run, twin: mlflow.entities.Run):
+    assert run.info.status == "FINISHED"
+    ours, theirs = histories(env, run.info.run_id), histories(env, twin.info.run_id)
+    for key, points in ours.items():
+        steps = [s for s, _ in points]
+        assert len(steps) == len(set(steps)), f"{key} has a step logged twice"
+    # MLflow samples system metrics by the clock; every other curve is the twin's.
+    ours, theirs = ({k: v for k, v in h.items() if not k.startswith("system/")}
+                    for h in (ours, theirs))  # fmt: skip
+    assert set(ours) == set(theirs)
+    for key, points in ours.items():
+        assert [s for s, _ in points] == [s for s, _ in theirs[key]], f"{key} has steps missing"
+        if key not in TIMINGS:
+            assert points == theirs[key], key
+    steps_per_epoch = 270 // 2  # 300 images, 10 % held out, batches of 2
+    assert [s for s, _ in ours["train/loss"]] == list(range(1, EPOCHS * steps_per_epoch + 1))
+    mine, reference = final_weights(run), final_weights(twin)
+    for key, value in reference.items():
+        torch.testing.assert_close(mine[key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize(
+    ("launcher", "signum"),
+    [("cli", signal.SIGINT), ("cli", signal.SIGTERM), ("mlflow run", signal.SIGINT)],
+    ids=["cli-SIGINT", "cli-SIGTERM", "mlflow-run-SIGINT"],
+)
+def test_interrupted_run_is_killed_checkpointed_and_resumes_to_the_twins_result(
+    data_folder, store, twin, tmp_path, launcher, signum
+):
+    name = f"{launcher}-{signum.name}".replace(" ", "-")
+    if launcher == "cli":
+        command = cli(*OPTIONS, "--data", str(data_folder), "--run-name", name, "--no-register")
+    else:
+        command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local"]
+        for option in ("epochs", "batch_size", "log_every", "seed"):
+            value = OPTIONS[OPTIONS.index("--" + option.replace("_", "-")) + 1]
+            command += ["-P", f"{option}={value}"]
+        command += ["-P", f"data={data_folder}", "-P", f"run_name={name}", "-P", "register=false"]
+    process = start(command, store, tmp_path)
+    run_id = wait_for_first_epoch(store, name, process)
+    if launcher == "cli":
+        process.send_signal(signum)
+    else:  # Ctrl-C in a terminal reaches `mlflow run` and the training it started
+        os.killpg(process.pid, signum)
+    code, _, err = finish(process)
+
+    run = client(store).get_run(run_id)
+    assert run.data.tags["error"] == f"interrupted by {signum.name}", err[-3000:]
+    if launcher == "cli":
+        assert run.info.status == "KILLED"
+        assert code == 128 + signum
+        resume = f"cifar-experiments train --resume {run_id}"
+    else:
+        # Our process marks the run KILLED, but `mlflow run` then marks any run whose process
+        # exited non-zero FAILED: MLflow 3's `_maybe_set_run_terminated` compares the status
+        # string with integer codes, so it never sees that the run already ended.
+        assert run.info.status in ("KILLED", "FAILED")
+        assert code != 0
+        resume = f"mlflow run {ROOT} --run-id {run_id} -P resume={run_id} --env-manager local"
+    assert f"Resume it with:\n  {resume}" in err
+    saved = checkpoint.load(Path(run.data.tags["checkpoint"]))
+    assert 0 < saved["progress"]["global_step"] < EPOCHS * 135
+    logged = {f.path for f in client(store).list_artifacts(run_id, "checkpoint")}
+    assert logged == {f"checkpoint/{run_id}.pt"}
+
+    command = resume.split()
+    command[0:1] = [sys.executable, "-m", "cifar_experiments" if launcher == "cli" else "mlflow"]
+    code, out, err = finish(start(command, store, tmp_path))
+    assert code == 0, err[-3000:]
+    assert_same_as_twin(store, client(store).get_run(run_id), twin)
+
+    # Once finished, resuming again changes nothing.
+    code, out, _ = finish(start(cli("--resume", run_id), store, tmp_path))
+    assert code == 0 and "already finished" in out
+
+
+def test_a_crash_marks_the_run_failed_with_its_error_and_it_resumes(
+    data_folder, store, twin, tmp_path
+):
+    # The process dies of an unexpected error after training, while plotting its curves.
+    crash = (
+        "import sys\n"
+        "from cifar_experiments import cli, experiment\n"
+        "def broken(history):\n"
+        "    raise RuntimeError('the plotting library broke')\n"
+        "experiment.curves_figure = broken\n"
+        "sys.argv[0] = 'cifar-experiments'\n"
+        "cli.main()\n"
+    )
+    command = [sys.executable, "-c", crash, "train", *OPTIONS, "--data", str(data_folder),
+               "--run-name", "crash", "--no-register"]  # fmt: skip
+    code, _, err = finish(start(command, store, tmp_path))
+    assert code == 1
+    run = run_named(store, "crash")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == "RuntimeError: the plotting library broke"
+
+    code, _, err = finish(start(cli("--resume", run.info.run_id), store, tmp_path))
+    assert code == 0, err[-3000:]
+    assert_same_as_twin(store, client(store).get_run(run.info.run_id), twin)
