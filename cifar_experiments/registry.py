@@ -52,7 +52,7 @@ def register_run(run_id: str, name: str) -> Registration:
         source = f"models:/{logged[0].model_id}"
         version = str(mlflow.register_model(source, name, tags=tags).version)
         client.update_model_version(name, version, description=_description(run, val, test))
-    return _crown_if_better(client, name, version, val)
+    return _crown_best(client, name, version, val)
 
 
 def best_finished_run(experiment_name: str) -> str:
@@ -72,25 +72,51 @@ def best_finished_run(experiment_name: str) -> str:
     return runs[0].info.run_id
 
 
-def _crown_if_better(
-    client: mlflow.MlflowClient, name: str, version: str, val: float
-) -> Registration:
-    current = _champion(client, name)
-    if current is not None and str(current.version) == version:
-        return Registration(name, version, f"version {version} is already {CHAMPION}")
-    current_val = float(current.tags.get("val_accuracy", "-1")) if current is not None else None
-    if current_val is not None and val <= current_val:
+def _crown_best(client: mlflow.MlflowClient, name: str, version: str, val: float) -> Registration:
+    """Point `champion` at the version with the best validation accuracy, and say how
+    `version` fared.
+
+    Trainings that finish together register together: each moves the alias, then looks again
+    and moves it once more if a better version appeared meanwhile. The last to move it has
+    seen every version registered before, so `champion` ends on the best one.
+    """
+    previous = _champion(client, name)
+    for _ in range(10):
+        best, best_val = _best_version(client, name)
+        champion = _champion(client, name)
+        if champion is None or str(champion.version) != best:
+            client.set_registered_model_alias(name, CHAMPION, best)
+        if _best_version(client, name)[0] == best:
+            break
+    if best != version:
         return Registration(
             name,
             version,
-            f"{CHAMPION} stays on version {current.version}: its validation accuracy "
-            f"{current_val:.2%} is not beaten by {val:.2%}",
+            f"{CHAMPION} stays on version {best}: its validation accuracy {best_val:.2%} is "
+            f"not beaten by {val:.2%}",
         )
-    client.set_registered_model_alias(name, CHAMPION, version)
-    was = f"beats version {current.version}'s {current_val:.2%}" if current else "first version"
+    if previous is not None and str(previous.version) == version:
+        return Registration(name, version, f"version {version} is already {CHAMPION}")
+    was = (
+        f"beats version {previous.version}'s {float(previous.tags['val_accuracy']):.2%}"
+        if previous is not None and "val_accuracy" in previous.tags
+        else "first version"
+    )
     return Registration(
         name, version, f"{CHAMPION} -> version {version} (validation accuracy {val:.2%}, {was})"
     )
+
+
+def _best_version(client: mlflow.MlflowClient, name: str) -> tuple[str, float]:
+    """The version with the best validation accuracy; the earliest of equals."""
+    versions = client.search_model_versions(f"name = '{name}'")
+    scored = [
+        (float(v.tags["val_accuracy"]), -int(v.version), str(v.version))
+        for v in versions
+        if "val_accuracy" in v.tags
+    ]
+    val, _, version = max(scored)
+    return version, val
 
 
 def _champion(client: mlflow.MlflowClient, name: str) -> ModelVersion | None:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 
 import mlflow
 import torch
+from filelock import FileLock
 from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -274,7 +276,8 @@ def check_store() -> None:
     saved = {name: os.environ.get(name) for name in quick}
     os.environ.update(quick)
     try:
-        mlflow.MlflowClient().search_experiments(max_results=1)
+        with _first_use_lock():
+            mlflow.MlflowClient().search_experiments(max_results=1)
     except Exception as error:  # each store type fails in its own way
         raise TrackingError(
             f"cannot reach the MLflow tracking store {tracking_uri()}: "
@@ -286,6 +289,18 @@ def check_store() -> None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _first_use_lock() -> contextlib.AbstractContextManager:
+    """For a SQLite store, a lock file beside it: the first use of a new store creates its
+    tables, and trainings started together would otherwise all try (and all but one fail)."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    database = Path(uri.removeprefix("sqlite:///"))
+    if not database.parent.is_dir():
+        return contextlib.nullcontext()  # MLflow's own error will name the missing folder
+    return FileLock(f"{database}.lock", timeout=300)
 
 
 def _last_steps(run_id: str) -> dict[str, int]:

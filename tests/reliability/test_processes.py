@@ -223,3 +223,46 @@ def test_a_crash_marks_the_run_failed_with_its_error_and_it_resumes(
     code, _, err = finish(start(cli("--resume", run.info.run_id), store, tmp_path))
     assert code == 0, err[-3000:]
     assert_same_as_twin(store, client(store).get_run(run.info.run_id), twin)
+
+
+LEARNING_RATES = ("0.01", "0.03", "0.1")
+EPOCHS, STEPS_PER_EPOCH = 3, 270 // 8
+
+
+def test_three_parallel_trainings_all_finish_with_every_metric_and_the_best_is_champion(
+    data_folder, tmp_path
+):
+    env = {
+        **os.environ,
+        # A store none of them has created yet: they race to create its tables too.
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "CIFAR_EXPERIMENTS_CACHE": str(tmp_path / "cache"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    processes = [
+        start(cli("--data", str(data_folder), "--epochs", str(EPOCHS), "--batch-size", "8",
+                  "--log-every", "1", "--lr", lr, "--run-name", f"lr={lr}",
+                  "--experiment-name", "parallel"), env, tmp_path)
+        for lr in LEARNING_RATES
+    ]  # fmt: skip
+    results = [p.communicate(timeout=LIMIT) for p in processes]
+    for process, (_, err) in zip(processes, results, strict=True):
+        assert process.returncode == 0, err[-3000:]
+
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("parallel").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == sorted(f"lr={lr}" for lr in LEARNING_RATES)
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        curves = histories(env, run.info.run_id)
+        assert [s for s, _ in curves["train/loss"]] == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
+        for name in ("val/accuracy", "train/epoch_loss"):
+            assert [s for s, _ in curves[name]] == list(range(1, EPOCHS + 1))
+
+    versions = client.search_model_versions("name = 'cifar10-classifier'")
+    assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs)
+    best = max(runs, key=lambda r: (r.data.metrics["val/best_accuracy"], -r.info.start_time))
+    champion = client.get_model_version_by_alias("cifar10-classifier", "champion")
+    assert float(champion.tags["val_accuracy"]) == pytest.approx(
+        best.data.metrics["val/best_accuracy"]
+    )
