@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 from pathlib import Path
 
 import mlflow
@@ -12,7 +14,7 @@ from click.testing import CliRunner
 from conftest import CLASSES, encode, synthetic_images
 
 import cifar_experiments
-from cifar_experiments import engine
+from cifar_experiments import checkpoint, engine, interrupts
 from cifar_experiments.cli import cli
 from cifar_experiments.config import RECIPES
 
@@ -234,3 +236,114 @@ def test_logged_model_answers_bad_input_with_a_clear_error(in_finished_store):
     assert model.predict(pd.DataFrame({"image": pd.Series([], dtype=object)})).empty
     with pytest.raises(MlflowException, match="row 1: not a readable image"):
         model.predict(pd.DataFrame({"image": [encode(synthetic_images(1, 0, 0)[0], "PNG"), b"x"]}))
+
+
+@pytest.fixture
+def killed_run(image_folder, tmp_path):
+    """A run stopped as if by Ctrl-C after its first step, with its checkpoint."""
+    real_deferred = interrupts.StopRequests.deferred
+
+    def stopped_at_once(self):
+        self.pending = signal.SIGINT
+        return real_deferred(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(interrupts.StopRequests, "deferred", stopped_at_once)
+        result = train("--data", str(image_folder), "--epochs", "2", "--batch-size", "8",
+                       "--log-every", "1", "--checkpoint-dir", str(tmp_path / "checkpoints"),
+                       "--no-register")  # fmt: skip
+    assert result.exit_code == 130, result.output
+    (run_id,) = all_runs()["run_id"]
+    assert f"Resume it with:\n  cifar-experiments train --resume {run_id}" in result.output
+    return run_id
+
+
+def test_resume_finishes_a_killed_run_in_place(killed_run):
+    client = mlflow.MlflowClient()
+    assert client.get_run(killed_run).info.status == "KILLED"
+    result = train("--resume", killed_run)
+    assert result.exit_code == 0, result.output
+    run = client.get_run(killed_run)
+    assert run.info.status == "FINISHED" and len(all_runs()) == 1
+    steps = [m.step for m in client.get_metric_history(killed_run, "train/loss")]
+    assert sorted(steps) == list(range(1, 7))
+    again = train("--resume", killed_run)
+    assert again.exit_code == 0 and "already finished" in again.output
+
+
+@pytest.mark.parametrize(
+    ("args", "refusal"),
+    [
+        (["--model", "airbench"], "--model tutorial"),
+        (["--lr", "0.5"], "--lr 0.07"),
+        (["--epochs", "3"], "--epochs 2"),
+    ],
+)
+def test_resume_with_options_that_contradict_the_run_is_refused(killed_run, args, refusal):
+    result = CliRunner().invoke(cli, ["train", "--resume", killed_run, *args])
+    assert result.exit_code == 2
+    assert "--resume" in result.output and refusal in result.output
+    assert mlflow.MlflowClient().get_run(killed_run).info.status == "KILLED"
+
+
+def test_resume_on_other_data_is_refused(killed_run, cifar_python_folder):
+    result = CliRunner().invoke(
+        cli, ["train", "--resume", killed_run, "--data", str(cifar_python_folder)]
+    )
+    assert result.exit_code == 2 and "is not the data run" in result.output
+    assert mlflow.MlflowClient().get_run(killed_run).info.status == "KILLED"
+
+
+def test_resume_of_an_unknown_run_is_a_usage_error():
+    result = CliRunner().invoke(cli, ["train", "--resume", "0" * 32])
+    assert result.exit_code == 2 and "no run" in result.output
+
+
+def test_resume_inside_a_new_mlflow_run_points_to_run_id(killed_run, monkeypatch):
+    # `mlflow run -P resume=ID` without `--run-id ID` makes a new run for the process.
+    client = mlflow.MlflowClient()
+    made = client.create_run(client.get_run(killed_run).info.experiment_id).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", made)
+    result = CliRunner().invoke(cli, ["train", "--resume", killed_run])
+    assert result.exit_code == 2
+    assert f"--run-id {killed_run} -P resume={killed_run}" in result.output
+    assert "--run-id" in client.get_run(made).data.tags["error"]
+
+
+def test_unreachable_tracking_server_is_a_clear_error_before_any_work(image_folder, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
+    result = CliRunner().invoke(cli, ["train", "--data", str(image_folder)])
+    assert result.exit_code == 1
+    assert f"cannot reach the MLflow tracking store http://127.0.0.1:{port}" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_checkpoint_folder_that_cannot_be_written_is_a_usage_error(image_folder, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = CliRunner().invoke(
+        cli, ["train", "--data", str(image_folder), "--checkpoint-dir", str(blocker / "sub")]
+    )
+    assert result.exit_code == 2
+    assert "--checkpoint-dir" in result.output and "cannot write checkpoints" in result.output
+    assert all_runs().empty
+
+
+def test_a_disk_that_fills_up_during_training_fails_the_run_with_the_reason(
+    image_folder, tmp_path, monkeypatch
+):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    result = CliRunner().invoke(cli, ["train", "--data", str(image_folder), "--epochs", "2",
+                                      "--checkpoint-dir", str(tmp_path / "full")])  # fmt: skip
+    assert result.exit_code == 1
+    assert "No space left on device" in result.output and "Traceback" not in result.output
+    runs = all_runs()
+    assert runs["status"].tolist() == ["FAILED"]
+    assert "No space left on device" in runs["tags.error"].iloc[0]
