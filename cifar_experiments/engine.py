@@ -269,7 +269,9 @@ def fit(
     generator = torch.Generator().manual_seed(config.seed)
     training = Training(model, optimizer, scheduler, lookahead, batches, generator)
     progress = Progress()
-    if resume_from is not None:
+    if resume_from is None:
+        training.begin_epoch()
+    else:
         training.load_state_dict(resume_from["training"])
         progress = Progress(**resume_from["progress"])
         progress.sums = {k: v.to(runtime.device) for k, v in progress.sums.items()}
@@ -283,8 +285,6 @@ def fit(
     with stop.deferred() if stop is not None else contextlib.nullcontext():
         while progress.epoch <= config.epochs:
             epoch = progress.epoch
-            if progress.step_in_epoch == 0:
-                training.begin_epoch()
             started = time.perf_counter()
             train_stats = train_one_epoch(config, forward, training, normalization, progress,
                                           tracker, runtime, stop)  # fmt: skip

@@ -226,7 +226,7 @@ def test_a_crash_marks_the_run_failed_with_its_error_and_it_resumes(
 
 
 LEARNING_RATES = ("0.01", "0.03", "0.1")
-EPOCHS, STEPS_PER_EPOCH = 3, 270 // 8
+PARALLEL_EPOCHS, PARALLEL_STEPS_PER_EPOCH = 3, 270 // 8
 
 
 def test_three_parallel_trainings_all_finish_with_every_metric_and_the_best_is_champion(
@@ -240,7 +240,7 @@ def test_three_parallel_trainings_all_finish_with_every_metric_and_the_best_is_c
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
     processes = [
-        start(cli("--data", str(data_folder), "--epochs", str(EPOCHS), "--batch-size", "8",
+        start(cli("--data", str(data_folder), "--epochs", str(PARALLEL_EPOCHS), "--batch-size", "8",
                   "--log-every", "1", "--lr", lr, "--run-name", f"lr={lr}",
                   "--experiment-name", "parallel"), env, tmp_path)
         for lr in LEARNING_RATES
@@ -255,9 +255,11 @@ def test_three_parallel_trainings_all_finish_with_every_metric_and_the_best_is_c
     for run in runs:
         assert run.info.status == "FINISHED"
         curves = histories(env, run.info.run_id)
-        assert [s for s, _ in curves["train/loss"]] == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
+        assert [s for s, _ in curves["train/loss"]] == list(
+            range(1, PARALLEL_EPOCHS * PARALLEL_STEPS_PER_EPOCH + 1)
+        )
         for name in ("val/accuracy", "train/epoch_loss"):
-            assert [s for s, _ in curves[name]] == list(range(1, EPOCHS + 1))
+            assert [s for s, _ in curves[name]] == list(range(1, PARALLEL_EPOCHS + 1))
 
     versions = client.search_model_versions("name = 'cifar10-classifier'")
     assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs)
