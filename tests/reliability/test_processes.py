@@ -225,6 +225,24 @@ def test_a_crash_marks_the_run_failed_with_its_error_and_it_resumes(
     assert_same_as_twin(store, client(store).get_run(run.info.run_id), twin)
 
 
+def test_after_kill_9_resume_takes_over_the_run_from_its_last_epoch(
+    data_folder, store, twin, tmp_path
+):
+    # SIGKILL cannot be caught: the run stays RUNNING, and metrics logged after the last
+    # checkpoint may or may not have reached the store. Resume sees the process is gone.
+    name = "kill-9"
+    process = start(cli(*OPTIONS, "--data", str(data_folder), "--run-name", name,
+                        "--no-register"), store, tmp_path)  # fmt: skip
+    run_id = wait_for_first_epoch(store, name, process)
+    process.kill()
+    process.wait(timeout=LIMIT)
+    assert client(store).get_run(run_id).info.status == "RUNNING"
+
+    code, _, err = finish(start(cli("--resume", run_id), store, tmp_path))
+    assert code == 0, err[-3000:]
+    assert_same_as_twin(store, client(store).get_run(run_id), twin)
+
+
 LEARNING_RATES = ("0.01", "0.03", "0.1")
 PARALLEL_EPOCHS, PARALLEL_STEPS_PER_EPOCH = 3, 270 // 8
 
