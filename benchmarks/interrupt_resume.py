@@ -88,19 +88,23 @@ def main() -> None:
     compare(client, resumed, twin)
 
     rates = ("0.03", "0.05", "0.1")  # 0.07 is the recipe's: the twin's result again
-    started = [subprocess.Popen(project(f"lr={lr}", f"run_name=parallel-{lr}",
-                                        "experiment_name=parallel"), env=env, cwd=work,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-               for lr in rates]  # fmt: skip
+    started = [
+        subprocess.Popen(project(f"lr={lr}", f"run_name=parallel-{lr}"), env=env, cwd=work,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for lr in rates
+    ]  # fmt: skip
     codes = [p.wait() for p in started]
     parallel = [run_named(f"parallel-{lr}") for lr in rates]
     complete = [steps_complete(client, r) for r in parallel]
-    best = max(parallel, key=lambda r: r.data.metrics["val/best_accuracy"])
+    registered = client.search_model_versions("name = 'cifar10-classifier'")
+    best = max(float(v.tags["val_accuracy"]) for v in registered)
     champion = client.get_model_version_by_alias("cifar10-classifier", "champion")
+    vals = [f"{r.data.metrics['val/best_accuracy']:.4f}" for r in parallel]
     print(
         f"parallel: exit codes {codes}, statuses {[r.info.status for r in parallel]}, "
-        f"complete curves {complete}; champion is version {champion.version} of run "
-        f"{champion.run_id[:8]}, best validation run {best.info.run_id[:8]}"
+        f"complete curves {complete}, validation accuracies {vals}; of {len(registered)} "
+        f"registered versions, champion is version {champion.version} at "
+        f"{champion.tags['val_accuracy']}, the best registered being {best:.6f}"
     )
 
 

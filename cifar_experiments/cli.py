@@ -232,9 +232,11 @@ def _interrupted_message(interruption: Any, under_mlflow_run: bool) -> str:
         if interruption.checkpointed
         else "it resumes from its last checkpoint"
     )
+    # `mlflow run` marks its run FAILED whenever our exit status is not 0 (README).
+    status = "KILLED (`mlflow run` records it as FAILED)" if under_mlflow_run else "KILLED"
     return (
-        f"Stopped by {interruption.signal_name}: run {interruption.run_id} is KILLED and {saved}."
-        f" Resume it with:\n  {_resume_command(interruption.run_id, under_mlflow_run)}"
+        f"Stopped by {interruption.signal_name}: run {interruption.run_id} is {status} and "
+        f"{saved}. Resume it with:\n  {_resume_command(interruption.run_id, under_mlflow_run)}"
     )
 
 
