@@ -347,3 +347,14 @@ def test_a_disk_that_fills_up_during_training_fails_the_run_with_the_reason(
     runs = all_runs()
     assert runs["status"].tolist() == ["FAILED"]
     assert "No space left on device" in runs["tags.error"].iloc[0]
+
+
+def test_resume_fetches_the_checkpoint_artifact_when_the_file_is_gone(killed_run, tmp_path):
+    client = mlflow.MlflowClient()
+    local = Path(client.get_run(killed_run).data.tags["checkpoint"])
+    local.unlink()  # another machine, or a cleaned-up folder
+    result = train("--resume", killed_run, "--checkpoint-dir", str(tmp_path / "elsewhere"))
+    assert result.exit_code == 0, result.output
+    assert client.get_run(killed_run).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(killed_run, "train/loss")]
+    assert sorted(steps) == list(range(1, 7))
