@@ -178,7 +178,7 @@ def train(resume: str | None, **options: Any) -> None:
         except interrupts.Interrupted as interruption:
             click.echo(_interrupted_message(interruption, under_mlflow_run), err=True)
             sys.exit(interruption.exit_code)
-        except KeyboardInterrupt:  # a second Ctrl-C outside the training loop
+        except KeyboardInterrupt:  # Ctrl-C where no handler could be installed (not main thread)
             click.echo("Interrupted.", err=True)
             sys.exit(130)
     _echo_summary(summary)

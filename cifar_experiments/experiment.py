@@ -91,7 +91,7 @@ def plan_resume(run_id: str, options: dict[str, Any]) -> tuple[TrainConfig, Resu
     """
     try:
         past = tracking.find_run(run_id)
-    except ValueError as error:
+    except tracking.TrackingError as error:
         raise ResumeError(str(error)) from None
     if past.status == "FINISHED":
         return None

@@ -81,13 +81,15 @@ def _crown_best(client: mlflow.MlflowClient, name: str, version: str, val: float
     seen every version registered before, so `champion` ends on the best one.
     """
     previous = _champion(client, name)
+    best, best_val = _best_version(client, name)
     for _ in range(10):
-        best, best_val = _best_version(client, name)
         champion = _champion(client, name)
         if champion is None or str(champion.version) != best:
             client.set_registered_model_alias(name, CHAMPION, best)
-        if _best_version(client, name)[0] == best:
+        latest, latest_val = _best_version(client, name)
+        if latest == best:
             break
+        best, best_val = latest, latest_val
     if best != version:
         return Registration(
             name,

@@ -46,6 +46,7 @@ MODEL_NAME = "model"
 # Set by `mlflow run` for the process it starts: the run it made for us to fill in.
 PROJECT_RUN_ENV = "MLFLOW_RUN_ID"
 ERROR_TAG = "error"
+SQLITE_PREFIX = "sqlite:///"
 # Where the run keeps its training state on this machine, and who is running it.
 CHECKPOINT_TAG = "checkpoint"
 PROCESS_TAG = "process"
@@ -294,11 +295,8 @@ def check_store() -> None:
 def _first_use_lock() -> contextlib.AbstractContextManager:
     """For a SQLite store, a lock file beside it: the first use of a new store creates its
     tables, and trainings started together would otherwise all try (and all but one fail)."""
-    uri = mlflow.get_tracking_uri()
-    if not uri.startswith("sqlite:///"):
-        return contextlib.nullcontext()
-    database = Path(uri.removeprefix("sqlite:///"))
-    if not database.parent.is_dir():
+    database = _sqlite_file()
+    if database is None or not database.parent.is_dir():
         return contextlib.nullcontext()  # MLflow's own error will name the missing folder
     return FileLock(f"{database}.lock", timeout=300)
 
@@ -335,8 +333,13 @@ def mark_project_run_failed(message: str) -> None:
 
 def tracking_uri() -> str:
     """The store's URI, absolute, so the UI command works from any directory."""
+    database = _sqlite_file()
+    return f"{SQLITE_PREFIX}{database}" if database is not None else mlflow.get_tracking_uri()
+
+
+def _sqlite_file() -> Path | None:
+    """The database file of a SQLite store, absolute; None for other stores."""
     uri = mlflow.get_tracking_uri()
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri.removeprefix(prefix)).resolve())
-    return uri
+    if not uri.startswith(SQLITE_PREFIX):
+        return None
+    return Path(uri.removeprefix(SQLITE_PREFIX)).resolve()
