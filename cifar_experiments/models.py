@@ -51,7 +51,7 @@ class MaxPool2x2(nn.Module):
     PyTorch's CPU kernel vectorises across channels, so over the tutorial's first six it
     runs an element at a time: 1.1 ms of a 4 ms training step at batch 128. Taking the
     larger of each pair of columns, then of each pair of rows, as whole-tensor operations
-    cuts the step by a tenth and a forward pass by a third (benchmarks/README.md). The output
+    takes a tenth off the step and half off a forward pass (benchmarks/pool.py). The output
     and its gradient are identical.
     """
 
