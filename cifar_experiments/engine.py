@@ -338,10 +338,11 @@ def train_one_epoch(
     or return None as soon as `stop` has a signal pending, with `progress` up to date."""
     model.train()
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    # `window_loss` sums the losses since the last point of the curve, or since the epoch began.
     sums = progress.sums or {
         name: torch.zeros((), dtype=dtype, device=runtime.device)
         for name, dtype in (("loss", torch.float32), ("window_loss", torch.float32),
-                            ("correct", torch.int64), ("window", torch.int64))
+                            ("correct", torch.int64))
     }  # fmt: skip
     progress.sums = sums
     started, first_step = time.perf_counter(), progress.step_in_epoch
@@ -366,14 +367,13 @@ def train_one_epoch(
             training.lookahead.step(progress.global_step)
         sums["loss"] += loss.detach() * len(labels)
         sums["window_loss"] += loss.detach()
-        sums["window"] += 1
         sums["correct"] += (logits.argmax(dim=1) == labels).sum()
         if progress.global_step % config.log_every == 0:
-            mean_loss = (sums["window_loss"] / sums["window"]).item()
+            window = min(config.log_every, progress.step_in_epoch)
+            mean_loss = sums["window_loss"].item() / window
             tracker.log_metrics({"train/loss": mean_loss}, step=progress.global_step)
             progress_bar.set_postfix(loss=f"{mean_loss:.3f}")
             sums["window_loss"].zero_()
-            sums["window"].zero_()
         progress_bar.update()
         if stop is not None and stop.pending is not None and progress.step_in_epoch < steps:
             progress_bar.close()
