@@ -6,6 +6,7 @@ batches by indexing that tensor, and augments whole batches with tensor operatio
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -187,14 +188,29 @@ class Normalization:
         forward pass. Its factors span a whole image, not one value per channel, so that in
         channels-last memory it runs over long runs rather than three values at a time.
         """
-        shape = (1, -1, 1, 1)
-        mean = torch.tensor(self.mean, device=images.device).view(shape)
-        std = torch.tensor(self.std, device=images.device).view(shape)
-        image_shape = (1, *images.shape[1:])
-        shift = (-mean / std).expand(image_shape).contiguous(memory_format=torch.channels_last)
-        scale = (1 / (255 * std)).expand(image_shape).contiguous(memory_format=torch.channels_last)
+        shift, scale = _normalization_factors(
+            self.mean, self.std, tuple(images.shape[1:]), images.device
+        )
         pixels = images.contiguous(memory_format=torch.channels_last).float()
         return torch.addcmul(shift, pixels, scale)
+
+
+@functools.lru_cache(maxsize=16)
+def _normalization_factors(
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    image_shape: tuple[int, ...],
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Made once per device and image size: copying them to a GPU every batch would wait for
+    the GPU to finish its queued work each time."""
+    shape = (1, -1, 1, 1)
+    mean_t = torch.tensor(mean, device=device).view(shape)
+    std_t = torch.tensor(std, device=device).view(shape)
+    full = (1, *image_shape)
+    shift = (-mean_t / std_t).expand(full).contiguous(memory_format=torch.channels_last)
+    scale = (1 / (255 * std_t)).expand(full).contiguous(memory_format=torch.channels_last)
+    return shift, scale
 
 
 def batches(images: ImageSet, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -247,15 +263,19 @@ class TrainingSet:
                 self.flipped = torch.randint(0, 2, (n,), generator=generator).to(device)
             else:
                 self.flipped = 1 - self.flipped
-        for step in range(self.steps(batch_size)):
-            idx = order[step * batch_size : (step + 1) * batch_size]
+        steps, batch = self.steps(batch_size), min(batch_size, n)
+        if self.crops is not None:
+            # The whole epoch's shifts in one draw (the same numbers as a draw per batch) and
+            # one copy: a copy to a GPU per batch would wait for its queued work every time.
+            shifts = torch.randint(
+                0, 2 * self.max_shift + 1, (steps, 2, batch), generator=generator
+            ).to(device)
+        for step in range(start, steps):
+            idx = order[step * batch : (step + 1) * batch]
             if self.crops is None:
-                if step >= start:
-                    yield self.images[idx], self.labels[idx]
-                continue
-            shifts = torch.randint(0, 2 * self.max_shift + 1, (2, len(idx)), generator=generator)
-            if step >= start:
-                dy, dx = shifts[0].to(device), shifts[1].to(device)
+                yield self.images[idx], self.labels[idx]
+            else:
+                dy, dx = shifts[step]
                 yield self.crops[idx + n * self.flipped[idx], :, dy, dx], self.labels[idx]
 
 
