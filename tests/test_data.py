@@ -186,6 +186,21 @@ def test_each_image_is_flipped_every_other_epoch():
     assert second == set(range(32)) - first and third == first
 
 
+@pytest.mark.parametrize("augment", [True, False])
+def test_an_epoch_resumed_part_way_yields_the_batches_it_would_have(augment):
+    images = torch.from_numpy(synthetic_images(40, 0, 7)).permute(0, 3, 1, 2).contiguous()
+    labelled = data.ImageSet(images, torch.arange(40))
+
+    def epoch(start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        training = data.TrainingSet(labelled, augment=augment)
+        return list(training.batches(8, torch.Generator().manual_seed(3), start=start))
+
+    whole, resumed = epoch(0), epoch(2)
+    assert len(resumed) == 3
+    for (images_a, labels_a), (images_b, labels_b) in zip(whole[2:], resumed, strict=True):
+        assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
+
+
 def test_evaluation_batches_cover_every_image_once_in_order():
     images = _labelled([7, 6])
     seen = torch.cat([labels for _, labels in data.batches(images, 4)])
