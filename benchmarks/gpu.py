@@ -29,6 +29,8 @@ HOLD_OUT_SEED = 2026
 
 
 class NoTracker:
+    """`tracking.Tracker` records nothing too, but importing it needs MLflow."""
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
 
@@ -47,7 +49,9 @@ def synchronize(runtime: engine.Runtime) -> None:
         torch.cuda.synchronize()
 
 
-def run(config: TrainConfig, pool: data.ImageSet, test: data.ImageSet, classes) -> dict:
+def run(
+    config: TrainConfig, pool: data.ImageSet, test: data.ImageSet, classes: tuple[str, ...]
+) -> dict:
     runtime = engine.Runtime.resolve(config.device, config.precision)
     train, val = data.stratified_split(pool, config.val_fraction, config.seed)
     torch.manual_seed(config.seed)
