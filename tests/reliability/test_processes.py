@@ -87,13 +87,15 @@ def run_named(env: dict[str, str], name: str) -> mlflow.entities.Run:
 
 
 def wait_for_first_epoch(env: dict[str, str], name: str, process: subprocess.Popen) -> str:
-    """The run's ID, once its first epoch's validation accuracy is in the store."""
+    """The run's ID, once its first epoch's validation accuracy is in the store and its
+    checkpoint is on disk (the metrics are flushed first, so they alone can come too early)."""
     deadline = time.monotonic() + LIMIT
     while time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()
         try:
             run = run_named(env, name)
-            if client(env).get_metric_history(run.info.run_id, "val/accuracy"):
+            saved = Path(run.data.tags.get("checkpoint", "")).is_file()
+            if saved and client(env).get_metric_history(run.info.run_id, "val/accuracy"):
                 return run.info.run_id
         except (AssertionError, mlflow.exceptions.MlflowException):
             pass
