@@ -72,7 +72,7 @@ def run(
         "training_s": round(seconds, 3),
         "first_epoch_s": round(epochs[0], 3),
         "median_epoch_s": round(statistics.median(epochs), 3),
-        "val_accuracy": round(result.best_val.accuracy, 4),
+        "val_accuracy": round(result.kept_val.accuracy, 4),
         "test_accuracy": round(scored.accuracy, 4),
         "train_images": len(train),
         "test_images": len(test),

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 from .config import (
     CHAMPION_ALIAS,
     DEVICES,
+    KEEP_EPOCHS,
     MODEL_NAMES,
     PRECISIONS,
     RECIPES,
@@ -145,6 +146,7 @@ def _recipes_epilog() -> str:
 @_switch("augment")
 @_option("data", type=_OrEmpty(click.STRING), metavar="PATH")
 @_option("val_fraction", type=_OrEmpty(click.FLOAT))
+@_option("keep_epoch", type=_OrEmpty(click.Choice(KEEP_EPOCHS)))
 @_option("seed", type=int)
 @_option("device", type=click.Choice(DEVICES))
 @_option("precision", type=click.Choice(PRECISIONS))
@@ -265,7 +267,7 @@ def _echo_summary(summary: Any) -> None:
     if summary.registration is not None:
         _echo_registration(summary.registration)
     click.echo(
-        f"Run {summary.run_id} finished: {result} (best epoch {summary.best_epoch}, validation "
+        f"Run {summary.run_id} finished: {result} (epoch {summary.kept_epoch} kept, validation "
         f"{summary.val_accuracy:.2%}). Browse it: mlflow ui --backend-store-uri "
         f"{tracking.tracking_uri()}"
     )

@@ -150,8 +150,8 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.SGD:
 
 @dataclass
 class FitResult:
-    best_epoch: int
-    best_val: Evaluation  # the best epoch on the validation split, with test-time augmentation
+    kept_epoch: int
+    kept_val: Evaluation  # the kept epoch on the validation split, with test-time augmentation
     normalization: data.Normalization
     history: list[dict[str, float]]
     global_step: int
@@ -181,9 +181,9 @@ class Progress:
     # Running sums of the epoch under way; they stay on the device, as reading them every
     # step would stall a GPU.
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    best_accuracy: float = -1.0
-    best_epoch: int = 0
-    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    kept_accuracy: float = -1.0
+    kept_epoch: int = 0
+    kept_state: dict[str, torch.Tensor] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
@@ -249,7 +249,8 @@ def fit(
     resume_from: dict[str, Any] | None = None,
     stop: StopRequests | None = None,
 ) -> FitResult:
-    """Train for `config.epochs`, validate after each, and leave `model` at its best epoch.
+    """Train for `config.epochs`, validate after each, and leave `model` at the epoch that
+    `config.keep_epoch` chooses: the best on validation, or the last.
 
     With `checkpoints`, the whole training state is saved after every epoch and when `stop`
     reports a signal (then `Interrupted` is raised); `resume_from` is such a saved state, and
@@ -294,7 +295,7 @@ def fit(
             if train_stats is None:
                 save_checkpoint()
                 raise Interrupted(stop.pending, checkpointed=checkpoints is not None)
-            # The curves follow the bare network; test-time augmentation waits for the best epoch.
+            # The curves follow the bare network; test-time augmentation waits for the kept epoch.
             val = evaluate(forward, val_set, classes, normalization, runtime, tta=False)
             record = {
                 **train_stats,
@@ -303,9 +304,9 @@ def fit(
             }
             tracker.log_metrics(record, step=epoch)
             progress.history.append({"epoch": epoch, **record})
-            if val.accuracy > progress.best_accuracy:
-                progress.best_accuracy, progress.best_epoch = val.accuracy, epoch
-                progress.best_state = {
+            if config.keep_epoch == "last" or val.accuracy > progress.kept_accuracy:
+                progress.kept_accuracy, progress.kept_epoch = val.accuracy, epoch
+                progress.kept_state = {
                     k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
                 }
             log.info(
@@ -320,10 +321,10 @@ def fit(
             save_checkpoint()
             if stop is not None and stop.pending is not None:
                 raise Interrupted(stop.pending, checkpointed=checkpoints is not None)
-    model.load_state_dict(progress.best_state)
-    best_val = evaluate(forward, val_set, classes, normalization, runtime)
+    model.load_state_dict(progress.kept_state)
+    kept_val = evaluate(forward, val_set, classes, normalization, runtime)
     return FitResult(
-        progress.best_epoch, best_val, normalization, progress.history, progress.global_step
+        progress.kept_epoch, kept_val, normalization, progress.history, progress.global_step
     )
 
 

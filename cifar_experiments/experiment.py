@@ -56,7 +56,7 @@ class Prepared:
 @dataclass(frozen=True)
 class Summary:
     run_id: str | None
-    best_epoch: int
+    kept_epoch: int
     val_accuracy: float
     test_accuracy: float | None
     registration: registry.Registration | None = None
@@ -174,8 +174,8 @@ def run(
         config, net, prepared.train, prepared.val, dataset.classes, tracker, prepared.runtime,
         checkpoints, resumption.state if resumption is not None else None, stop,
     )  # fmt: skip
-    tracker.log_metrics({tracking.BEST_VAL_METRIC: fit.best_val.accuracy}, step=fit.best_epoch)
-    tracker.log_evaluation("val", fit.best_val)
+    tracker.log_metrics({tracking.BEST_VAL_METRIC: fit.kept_val.accuracy}, step=fit.kept_epoch)
+    tracker.log_evaluation("val", fit.kept_val)
     tracker.log_figure(curves_figure(fit.history), "training_curves.png")
     test = None
     if dataset.test is not None:
@@ -183,7 +183,7 @@ def run(
             net, dataset.test, dataset.classes, fit.normalization, prepared.runtime
         )
         tracker.log_metrics(
-            {f"test/{k}": v for k, v in test.metrics().items()}, step=fit.best_epoch
+            {f"test/{k}": v for k, v in test.metrics().items()}, step=fit.kept_epoch
         )
         tracker.log_evaluation("test", test)
     tracker.log_model(
@@ -196,8 +196,8 @@ def run(
     tracker.set_description(_description(prepared, fit, test))
     return Summary(
         run_id=tracker.run_id,
-        best_epoch=fit.best_epoch,
-        val_accuracy=fit.best_val.accuracy,
+        kept_epoch=fit.kept_epoch,
+        val_accuracy=fit.kept_val.accuracy,
         test_accuracy=test.accuracy if test is not None else None,
     )
 
@@ -246,7 +246,8 @@ def _description(prepared: Prepared, fit: engine.FitResult, test: Evaluation | N
             f"{'on' if config.lookahead else 'off'}, augmentation "
             f"{'on' if config.augment else 'off'}, on {prepared.runtime.device} "
             f"({prepared.runtime.precision})",
-            f"- **Best epoch**: {fit.best_epoch}, validation accuracy {fit.best_val.accuracy:.2%}",
+            f"- **Kept epoch**: {fit.kept_epoch} (the {config.keep_epoch}), validation accuracy "
+            f"{fit.kept_val.accuracy:.2%}",
             test_line,
             "",
             "Load it with `mlflow.pyfunc.load_model('runs:/<run_id>/model')`; it takes a "

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 WEIGHTS_FILE = "cifar_net.pth"
-# The run-level figure that model selection reads: validation accuracy of the best epoch.
+# The run-level figure that model selection reads: validation accuracy of the kept epoch.
 BEST_VAL_METRIC = "val/best_accuracy"
 MODEL_NAME = "model"
 # Set by `mlflow run` for the process it starts: the run it made for us to fill in.

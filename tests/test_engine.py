@@ -1,4 +1,5 @@
 import signal
+from dataclasses import replace
 
 import pytest
 import torch
@@ -48,7 +49,7 @@ def test_fit_logs_every_curve_with_steps_and_learns():
     losses = [v for _, v in tracker.points["train/loss"]]
     assert losses[-1] < losses[0]
     best = max(tracker.points["val/accuracy"], key=lambda p: p[1])
-    assert result.best_epoch == best[0]
+    assert result.kept_epoch == best[0]
     assert len(result.history) == 4
 
 
@@ -59,8 +60,38 @@ def test_best_epoch_weights_are_restored():
     result = engine.fit(config, net, tiny_set(8, 0), tiny_set(4, 50), ("r", "g", "b"),
                         RecordingTracker(), runtime)  # fmt: skip
     again = engine.evaluate(net, tiny_set(4, 50), ("r", "g", "b"), result.normalization, runtime)
-    assert again.accuracy == result.best_val.accuracy
-    assert again.loss == pytest.approx(result.best_val.loss, rel=1e-5)
+    assert again.accuracy == result.kept_val.accuracy
+    assert again.loss == pytest.approx(result.kept_val.loss, rel=1e-5)
+
+
+@pytest.mark.parametrize(("keep_epoch", "kept"), [("best", 1), ("last", 3)])
+def test_keep_epoch_chooses_whose_weights_the_model_ends_with(monkeypatch, keep_epoch, kept):
+    config = TrainConfig(epochs=3, batch_size=8, seed=2, keep_epoch=keep_epoch)
+    net = models.build_model("tutorial", num_classes=3)
+    evaluate, epoch_curves = engine.evaluate, []
+
+    def first_epoch_validates_best(model, images, classes, normalization, runtime, tta=True):
+        result = evaluate(model, images, classes, normalization, runtime, tta)
+        if not tta:  # a point of the validation curve: every epoch after the first scores 0
+            epoch_curves.append(result)
+            if len(epoch_curves) > 1:
+                return replace(result, predictions=(result.labels + 1) % len(classes))
+        return result
+
+    weights_at = {}
+
+    class WeightsAtEachEpoch(RecordingTracker):
+        def log_metrics(self, metrics, step):
+            if "val/accuracy" in metrics:
+                weights_at[step] = {k: v.clone() for k, v in net.state_dict().items()}
+
+    monkeypatch.setattr(engine, "evaluate", first_epoch_validates_best)
+    result = engine.fit(config, net, tiny_set(8, 0), tiny_set(4, 50), ("r", "g", "b"),
+                        WeightsAtEachEpoch(), engine.Runtime.resolve("cpu"))  # fmt: skip
+    assert result.kept_epoch == kept
+    assert not torch.equal(weights_at[1]["fc3.weight"], weights_at[3]["fc3.weight"])
+    for name, tensor in net.state_dict().items():
+        assert torch.equal(tensor, weights_at[kept][name]), name
 
 
 def test_same_seed_same_metrics_on_cpu():
