@@ -177,9 +177,9 @@ def test_help_documents_every_option():
     result = CliRunner().invoke(cli, ["train", "--help"])
     for option in ("--epochs", "--batch-size", "--lr", "--momentum", "--nesterov",
                    "--weight-decay", "--label-smoothing", "--schedule", "--lookahead",
-                   "--augment", "--no-augment", "--model", "--data", "--val-fraction", "--seed",
-                   "--device", "--precision", "--compile", "--log-every", "--experiment-name",
-                   "--run-name"):  # fmt: skip
+                   "--augment", "--no-augment", "--model", "--data", "--val-fraction",
+                   "--keep-epoch", "--seed", "--device", "--precision", "--compile",
+                   "--log-every", "--experiment-name", "--run-name"):  # fmt: skip
         assert option in result.output, option
     assert f"airbench: batch_size={RECIPES['airbench']['batch_size']}," in result.output
 
@@ -195,6 +195,7 @@ def test_airbench_logs_the_recipe_it_used_and_its_model_labels_images(image_fold
     assert run["params.lr"] == str(recipe["lr"])  # the recipe's
     assert run["params.label_smoothing"] == str(recipe["label_smoothing"])
     assert (run["params.nesterov"], run["params.lookahead"]) == ("True", "True")
+    assert run["params.keep_epoch"] == "last"
     model = mlflow.pyfunc.load_model(f"runs:/{run['run_id']}/model")
     image = encode(synthetic_images(1, 0, 7)[0], "PNG")
     answer = model.predict(pd.DataFrame({"image": [image]}))

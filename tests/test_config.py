@@ -20,6 +20,7 @@ def test_defaults_are_valid():
         ("val_fraction", 0.0),
         ("val_fraction", 1.0),
         ("schedule", "triangular"),
+        ("keep_epoch", "first"),
         ("label_smoothing", 1.0),
         ("precision", "fp8"),
         ("model", "vgg"),
