@@ -23,7 +23,7 @@ from dataclasses import replace
 import torch
 
 from cifar_experiments import data, engine, models
-from cifar_experiments.config import TrainConfig
+from cifar_experiments.config import RECIPES, TrainConfig
 
 HOLD_OUT_SEED = 2026
 
@@ -100,8 +100,9 @@ def main() -> None:
     airbench = TrainConfig(model="airbench", epochs=args.epochs, device=args.device)
     tutorial = TrainConfig(model="tutorial", epochs=args.epochs, device=args.device)
     timed = [(f"airbench, seed {s}", replace(airbench, seed=s)) for s in range(args.seeds)]
+    cpu_recipe = {k: RECIPES["airbench"][k] for k in ("batch_size", "lr")}
     timed += [
-        ("airbench, batch 1024", replace(airbench, batch_size=1024, lr=2 * airbench.lr)),
+        ("airbench, the CPU recipe's batch", replace(airbench, **cpu_recipe)),
         ("tutorial", tutorial),
     ]
     if args.compile:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 from .config import (
     CHAMPION_ALIAS,
+    CUDA_RECIPES,
     DEVICES,
     KEEP_EPOCHS,
     MODEL_NAMES,
@@ -107,14 +108,14 @@ def _switch(name: str) -> Callable:
 
 
 def _recipes_epilog() -> str:
-    lines = ["\b", "Recipes (what unset options become, per --model):"]
-    for model, recipe in RECIPES.items():
-        lines.append(
-            f"  {model}: "
-            + ", ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in recipe.items()
-            )
+    def settings(recipe: dict[str, Any]) -> str:
+        return ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in recipe.items()
         )
+
+    lines = ["\b", "Recipes (what unset options become, per --model):"]
+    lines += [f"  {model}: {settings(recipe)}" for model, recipe in RECIPES.items()]
+    lines += [f"  {model} on cuda: {settings(recipe)}" for model, recipe in CUDA_RECIPES.items()]
     return "\n".join(lines)
 
 
@@ -192,7 +193,7 @@ def _prepare(resume: str | None, options: dict[str, Any]) -> Any:
     from . import experiment
     from .checkpoint import CheckpointError
     from .data import DataError
-    from .engine import DeviceUnavailable
+    from .engine import DeviceUnavailable, Runtime
     from .tracking import TrackingError
 
     resumption = None
@@ -210,7 +211,9 @@ def _prepare(resume: str | None, options: dict[str, Any]) -> Any:
                 return None
             config, resumption = planned
         else:
-            config = TrainConfig(**options)
+            # A recipe may differ by device (CUDA_RECIPES), so "auto" is settled first.
+            device = Runtime.resolve(options["device"]).device.type
+            config = TrainConfig(**{**options, "device": device})
         return experiment.prepare(config, resumption)
     except ConfigError as error:
         raise click.BadParameter(error.message, param_hint=_hint(error.field)) from None

@@ -145,6 +145,17 @@ def test_missing_cuda_is_a_usage_error(image_folder, monkeypatch):
     assert all_runs().empty
 
 
+def test_auto_device_is_settled_before_the_recipe_fills_in(image_folder, monkeypatch):
+    from cifar_experiments import experiment
+
+    configs = []
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr(experiment, "prepare", lambda config, resumption: configs.append(config))
+    result = CliRunner().invoke(cli, ["train", "--model", "airbench", "--data", str(image_folder)])
+    assert result.exit_code == 0, result.output
+    assert (configs[0].device, configs[0].batch_size, configs[0].lr) == ("cuda", 1024, 1.5)
+
+
 def test_no_augment_flag(image_folder):
     result = train("--epochs", "1", "--no-augment", "--data", str(image_folder))
     assert result.exit_code == 0, result.output

@@ -50,6 +50,17 @@ def test_unset_options_take_the_models_recipe(model):
     assert config.as_params()["batch_size"] == RECIPES[model]["batch_size"]
 
 
+def test_on_cuda_airbench_takes_its_published_batch_and_the_rest_of_its_recipe():
+    on_cuda, on_cpu = TrainConfig(model="airbench", device="cuda"), TrainConfig(model="airbench")
+    assert (on_cuda.batch_size, on_cuda.lr) == (1024, 1.5)
+    assert (on_cpu.batch_size, on_cpu.lr) == (512, 0.75)
+    assert on_cuda.momentum == on_cpu.momentum and on_cuda.keep_epoch == on_cpu.keep_epoch
+    assert TrainConfig(model="airbench", device="cuda", batch_size=256).batch_size == 256
+    assert (
+        TrainConfig(model="tutorial", device="cuda").batch_size == RECIPES["tutorial"]["batch_size"]
+    )
+
+
 def test_given_options_override_the_recipe():
     config = TrainConfig(model="airbench", batch_size=64, lookahead=False)
     assert config.batch_size == 64 and config.lookahead is False
