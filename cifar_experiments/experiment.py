@@ -157,7 +157,8 @@ def run(
         tracker.log_params(
             {
                 **config.as_params(),
-                "device": str(prepared.runtime.device),
+                # Under `mlflow run`, `device` keeps the launcher's "auto"; this is the one used.
+                "compute_device": str(prepared.runtime.device),
                 "compute_precision": prepared.runtime.precision,
                 "parameter_count": models.parameter_count(net),
                 "train_size": len(prepared.train),

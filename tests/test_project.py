@@ -97,6 +97,7 @@ def test_mlflow_run_trains_into_the_run_it_made(image_folder, tracking_store, tm
     assert run.data.params["batch_size"] == "8"
     assert run.data.params["momentum"] == str(RECIPES["tutorial"]["momentum"])  # the recipe's
     assert run.data.params["augment"] == "false"
+    assert (run.data.params["device"], run.data.params["compute_device"]) == ("auto", "cpu")
     assert run.data.params["parameter_count"] == str(62006 - 7 * 85)
     assert "test/accuracy" in run.data.metrics
     assert re.search(rf"Run {run.info.run_id} finished: test accuracy", done.stdout)
