@@ -341,6 +341,8 @@ def train_one_epoch(
     """Train from `progress.step_in_epoch` to the end of the epoch, and return its statistics;
     or return None as soon as `stop` has a signal pending, with `progress` up to date."""
     model.train()
+    if isinstance(training.model, models.CifarNet):
+        training.model.begin_epoch(progress.epoch)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     # `window_loss` sums the losses since the last point of the curve, or since the epoch began.
     sums = progress.sums or {

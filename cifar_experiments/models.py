@@ -21,6 +21,9 @@ class CifarNet(nn.Module):
     def init_from_data(self, images: torch.Tensor) -> None:
         """Data-dependent initialisation from normalised training images; most need none."""
 
+    def begin_epoch(self, epoch: int) -> None:
+        """Called as each training epoch (1-based) begins: a network may freeze parameters."""
+
 
 class Net(CifarNet):
     """The PyTorch tutorial's CNN, layer for layer: 62 k parameters, 0.65 M multiply-adds."""
@@ -103,15 +106,19 @@ class _PairwiseMaxPool(torch.autograd.Function):
 class Airbench(CifarNet):
     """airbench94 (Keller Jordan, 2024, "94% on CIFAR-10 in 3.29 Seconds on a Single GPU").
 
-    A frozen 2x2 patch-whitening convolution, then three blocks of
-    conv-maxpool-batchnorm-GELU-conv-batchnorm-GELU (widths 64, 256, 256), a global max-pool
-    and a linear head whose logits are scaled down by 9. 2.0 M parameters.
+    A 2x2 patch-whitening convolution (fixed weights; its bias trains for the first epochs),
+    then three blocks of conv-maxpool-batchnorm-GELU-conv-batchnorm-GELU (widths 64, 256,
+    256), a global max-pool and a linear head whose logits are scaled down by 9. 2.0 M
+    parameters.
     """
 
     # The paper trains batch-norm shifts 64 times faster, with 64 times less decay.
     norm_lr_scale = 64.0
     translate_tta = True
     whitening_eps = 5e-4
+    # The paper trains the whitening bias for the first 3 epochs only. Frozen, it needs no
+    # gradient, so backpropagation stops at the first block: a ninth off a CPU step.
+    whiten_bias_epochs = 3
 
     def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (64, 256, 256)) -> None:
         super().__init__()
@@ -144,6 +151,9 @@ class Airbench(CifarNet):
         filters = filters.reshape(-1, images.shape[1], k, k).to(self.whiten.weight)
         self.whiten.weight.copy_(torch.cat([filters, -filters]))
         self.whiten.bias.zero_()
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.whiten.bias.requires_grad_(epoch <= self.whiten_bias_epochs)
 
 
 class _ConvBlock(nn.Sequential):

@@ -137,6 +137,25 @@ def test_a_few_steps_on_tiny_data_lower_the_loss(name):
     assert epoch_losses[-1] < epoch_losses[0]
 
 
+def test_airbench_whitening_bias_trains_for_its_first_epochs_only(monkeypatch):
+    monkeypatch.setattr(models.Airbench, "whiten_bias_epochs", 1)
+    # Without lookahead, which would go on averaging the frozen bias with its slow copy.
+    config = TrainConfig(model="airbench", epochs=3, batch_size=16, lookahead=False, seed=0)
+    net = models.build_model("airbench", num_classes=3)
+    biases = []
+
+    class BiasAfterEachEpoch(RecordingTracker):
+        def log_metrics(self, metrics, step):
+            if "val/accuracy" in metrics:
+                biases.append(net.whiten.bias.detach().clone())
+
+    engine.fit(config, net, tiny_set(16, 0), tiny_set(4, 100), ("r", "g", "b"),
+               BiasAfterEachEpoch(), engine.Runtime.resolve("cpu"))  # fmt: skip
+    assert biases[0].abs().sum() > 0  # it starts at zero and trained in epoch 1
+    assert torch.equal(biases[1], biases[0]) and torch.equal(biases[2], biases[0])
+    assert not net.whiten.bias.requires_grad
+
+
 def test_lookahead_restarts_the_weights_from_their_slow_average():
     net = torch.nn.Linear(2, 1, bias=False)
     with torch.no_grad():
@@ -190,9 +209,13 @@ TIMINGS = {"train/epoch_seconds", "train/images_per_second"}
 
 
 @pytest.mark.parametrize(("name", "stop_step"), [("tutorial", 5), ("airbench", 6)])
-def test_interrupted_and_resumed_training_equals_an_uninterrupted_one(tmp_path, name, stop_step):
+def test_interrupted_and_resumed_training_equals_an_uninterrupted_one(
+    tmp_path, monkeypatch, name, stop_step
+):
     # 3 steps an epoch: step 5 stops mid-epoch, step 6 at an epoch's end. Airbench brings
-    # lookahead, flips that alternate by epoch and batch-norm statistics into the state.
+    # lookahead, flips that alternate by epoch, batch-norm statistics and (from epoch 2 here)
+    # a frozen whitening bias into the state.
+    monkeypatch.setattr(models.Airbench, "whiten_bias_epochs", 1)
     config = TrainConfig(model=name, epochs=3, batch_size=8, log_every=1, seed=4)
     runtime = engine.Runtime.resolve("cpu", "fp32")
     train, val = tiny_set(9, 0), tiny_set(3, 50)
