@@ -7,6 +7,8 @@ nothing of MLflow.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import math
 import time
@@ -79,6 +81,8 @@ class Runtime:
         if self.device.type == "cuda":
             # Batches keep one shape, so cuDNN's one-off search for the fastest kernels pays.
             torch.backends.cudnn.benchmark = True
+        if self.device.type == "cpu":
+            reuse_freed_memory()
         # Channels-last suits the convolution kernels of CUDA and of oneDNN on CPUs alike
         # (measured here: a fifth off the tutorial Net's CPU epoch).
         return model.to(memory_format=torch.channels_last)
@@ -86,6 +90,24 @@ class Runtime:
     def put(self, images: data.ImageSet) -> data.ImageSet:
         """Keep a whole split resident on the device, as uint8, so batches never cross the bus."""
         return data.ImageSet(images.images.to(self.device), images.labels.to(self.device))
+
+
+def reuse_freed_memory() -> bool:
+    """Have the C library keep freed memory for the next tensor, as CUDA's caching allocator
+    does; True where it could (glibc).
+
+    By default glibc maps each large block fresh from the kernel and unmaps it when freed, so
+    every training step faults in its activations again, page by page: airbench spent a
+    sixth of its CPU step there (benchmarks/README.md). The memory stays with the process,
+    which holds on to its peak use, as it would with a caching allocator.
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (AttributeError, OSError, TypeError):  # not glibc: macOS, Windows
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    # Serve large blocks from the heap, and never give its free top back.
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))
 
 
 def _cpu_has_native_bf16() -> bool:

@@ -1,4 +1,6 @@
 import signal
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -190,6 +192,34 @@ def test_bf16_is_used_only_where_asked_or_native():
     assert engine.Runtime.resolve("cpu", "bf16").bf16 is True
     native = torch.cpu.get_capabilities().get("avx512_bf16", False)
     assert engine.Runtime.resolve("cpu", "auto").bf16 is bool(native)
+
+
+FAULTS_OF_LARGE_TENSORS = """
+import resource, sys, torch
+from cifar_experiments import engine
+
+def faults_of_five_large_tensors():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.ones(16 * 2**20)  # 64 MiB, written through, then freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults_of_five_large_tensors()
+default = faults_of_five_large_tensors()
+engine.Runtime.resolve("cpu").prepare_model(torch.nn.Linear(1, 1))
+faults_of_five_large_tensors()
+print(default, faults_of_five_large_tensors())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_cpu_training_reuses_freed_memory_instead_of_faulting_it_in_again():
+    out = subprocess.run([sys.executable, "-c", FAULTS_OF_LARGE_TENSORS], capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    default, reused = map(int, out.split())
+    if default < 5 * 1000:
+        pytest.skip(f"this kernel maps large blocks in few faults ({default})")
+    assert reused < default / 20
 
 
 class StopAtStep(RecordingTracker):
