@@ -92,9 +92,9 @@ class Runtime:
         return data.ImageSet(images.images.to(self.device), images.labels.to(self.device))
 
 
-def reuse_freed_memory() -> bool:
-    """Have the C library keep freed memory for the next tensor, as CUDA's caching allocator
-    does; True where it could (glibc).
+def reuse_freed_memory() -> None:
+    """Have the C library (glibc; elsewhere nothing changes) keep freed memory for the next
+    tensor, as CUDA's caching allocator does.
 
     By default glibc maps each large block fresh from the kernel and unmaps it when freed, so
     every training step faults in its activations again, page by page: airbench spent a
@@ -104,10 +104,11 @@ def reuse_freed_memory() -> bool:
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     except (AttributeError, OSError, TypeError):  # not glibc: macOS, Windows
-        return False
+        return
     m_trim_threshold, m_mmap_max = -1, -4
     # Serve large blocks from the heap, and never give its free top back.
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))
+    mallopt(m_mmap_max, 0)
+    mallopt(m_trim_threshold, -1)
 
 
 def _cpu_has_native_bf16() -> bool:
