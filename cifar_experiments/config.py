@@ -104,7 +104,7 @@ class TrainConfig:
         None,
     )
     val_fraction: float | None = _doc(
-        "Share of training images held out, stratified, to pick the best epoch and rank runs.",
+        "Share of training images held out, stratified, to rank runs (and pick the best epoch).",
         None,
     )
     keep_epoch: str | None = _doc(

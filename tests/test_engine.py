@@ -195,7 +195,7 @@ def test_bf16_is_used_only_where_asked_or_native():
 
 
 FAULTS_OF_LARGE_TENSORS = """
-import resource, sys, torch
+import resource, torch
 from cifar_experiments import engine
 
 def faults_of_five_large_tensors():
