@@ -4,12 +4,12 @@
 
 (`--device cpu --epochs 1` on a small folder checks the script itself on any machine.)
 
-Trains each variant for 10 epochs through `engine.fit`, the loop `mlflow run` uses, with a
-tracker that records nothing (MLflow itself costs the same on any device and is measured by
-speed.py), and scores the held-out images with the model's test-time augmentation, as the
-logged model does. A folder without test/ gives up a tenth of every class, by a fixed seed,
-as held-out images. Short runs first pay CUDA's and cuDNN's one-off start-up, so the timed
-runs measure training alone. Not part of the test suite.
+Trains each variant for 10 epochs through `engine.fit`, the loop `mlflow run` uses, with no
+tracker (MLflow itself costs the same on any device and is measured by speed.py), and scores
+the held-out images with the model's test-time augmentation, as the logged model does. A
+folder without test/ gives up a tenth of every class, by a fixed seed, as held-out images.
+Short runs first pay CUDA's and cuDNN's one-off start-up, so the timed runs measure training
+alone. Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -22,20 +22,10 @@ from dataclasses import replace
 
 import torch
 
-from cifar_experiments import data, engine, models
+from cifar_experiments import data, engine
 from cifar_experiments.config import RECIPES, TrainConfig
 
 HOLD_OUT_SEED = 2026
-
-
-class NoTracker:
-    """`tracking.Tracker` records nothing too, but importing it needs MLflow."""
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
 
 
 def held_out(dataset: data.Dataset) -> tuple[data.ImageSet, data.ImageSet]:
@@ -54,14 +44,13 @@ def run(
 ) -> dict:
     runtime = engine.Runtime.resolve(config.device, config.precision)
     train, val = data.stratified_split(pool, config.val_fraction, config.seed)
-    torch.manual_seed(config.seed)
-    net = models.build_model(config.model, num_classes=len(classes))
     synchronize(runtime)
     started = time.perf_counter()
-    result = engine.fit(config, net, train, val, classes, NoTracker(), runtime)
+    state = engine.TrainingState.create(config, train, classes, runtime)
+    result = engine.fit(state, val)
     synchronize(runtime)
     seconds = time.perf_counter() - started
-    scored = engine.evaluate(net, test, classes, result.normalization, runtime)
+    scored = state.evaluate(test)
     epochs = [h["train/epoch_seconds"] for h in result.history]
     return {
         "model": config.model,

@@ -19,44 +19,38 @@ import json
 import statistics
 from dataclasses import replace
 
-import torch
-from gpu import NoTracker, held_out
+from gpu import held_out
 
-from cifar_experiments import data, engine, models
-from cifar_experiments.config import TrainConfig
+from cifar_experiments import data, engine
+from cifar_experiments.callbacks import Callback
+from cifar_experiments.config import AIRBENCH94_SGD, TrainConfig
 
 DEV_IMAGES = 5000
 
 
-class LastEpochScorer(NoTracker):
-    """Records nothing but the network's score on the dev split as the last epoch reports."""
+class LastEpochScorer(Callback):
+    """Scores the network on the dev split as its last epoch ends."""
 
-    def __init__(self, score, epochs: int) -> None:
-        self.score, self.epochs = score, epochs
+    def __init__(self, dev: data.ImageSet) -> None:
+        self.dev = dev
         self.accuracy: float | None = None
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if "val/accuracy" in metrics and step == self.epochs:
-            self.accuracy = self.score()
+    def on_epoch_end(self, state: engine.TrainingState, epoch: int, metrics: dict) -> None:
+        if epoch == state.config.epochs:
+            self.accuracy = state.evaluate(self.dev).accuracy
 
 
 def run(config: TrainConfig, pool: data.ImageSet, dev: data.ImageSet, classes) -> dict:
     runtime = engine.Runtime.resolve(config.device, config.precision)
     train, val = data.stratified_split(pool, config.val_fraction, config.seed)
-    torch.manual_seed(config.seed)
-    net = models.build_model(config.model, num_classes=len(classes))
-    normalization = data.Normalization.of(train.images)
-
-    def score() -> float:
-        return engine.evaluate(net, dev, classes, normalization, runtime).accuracy
-
-    last = LastEpochScorer(score, config.epochs)
-    result = engine.fit(config, net, train, val, classes, last, runtime)
+    state = engine.TrainingState.create(config, train, classes, runtime)
+    last = LastEpochScorer(dev)
+    result = engine.fit(state, val, [last])
     return {
         "batch_size": config.batch_size,
         "seed": config.seed,
         "best_epoch": result.kept_epoch,
-        "dev_best": score(),
+        "dev_best": state.evaluate(dev).accuracy,
         "dev_last": last.accuracy,
     }
 
@@ -79,8 +73,8 @@ def main() -> None:
     for split in range(args.splits):
         train_pool, dev = data.stratified_split(pool, min(0.5, DEV_IMAGES / len(pool)), 100 + split)
         for batch_size in args.batch_sizes:
-            lr = recipe.lr * batch_size / recipe.batch_size
-            config = replace(recipe, batch_size=batch_size, lr=lr, seed=split)
+            sgd = AIRBENCH94_SGD.in_pytorch_terms(batch_size)
+            config = replace(recipe, **sgd, seed=split)
             results.append(run(config, train_pool, dev, dataset.classes))
             print(json.dumps(results[-1]), flush=True)
     for batch_size in args.batch_sizes:

@@ -1,4 +1,4 @@
-"""The tutorial Net's training step and forward pass with `models.MaxPool2x2`'s CPU path
+"""The tutorial Net's training step and forward pass with `speedups.MaxPool2x2`'s CPU path
 against PyTorch's own max-pool, interleaved in one process (the machine's speed drifts).
 
     python benchmarks/pool.py [--rounds 6]
@@ -25,9 +25,8 @@ def workloads(fast_pool: bool) -> tuple[Callable[[], None], Callable[[], None]]:
     precision training picks there."""
     torch.manual_seed(0)
     runtime = engine.Runtime.resolve("cpu")
-    net = runtime.prepare_model(models.Net())
-    if not fast_pool:
-        net.pool.max_channels = 0
+    net = runtime.place(models.Net())
+    net.pool.pairwise = fast_pool
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     images = torch.randn(128, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (128,))

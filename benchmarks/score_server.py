@@ -12,21 +12,17 @@ import argparse
 import base64
 import json
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+import requests
 
 
 def post(url: str, body: dict | bytes) -> tuple[int, dict]:
+    """The status and JSON answer of the server's /invocations to `body`."""
     payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(
-        f"{url}/invocations", data=payload, headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"{}")
+    answer = requests.post(f"{url}/invocations", data=payload, timeout=120,
+                           headers={"Content-Type": "application/json"})  # fmt: skip
+    return answer.status_code, answer.json() if answer.content else {}
 
 
 def split_body(contents: list[bytes]) -> dict:

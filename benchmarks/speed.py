@@ -33,7 +33,8 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
 
-from cifar_experiments import data, engine, experiment, models, tracking
+from cifar_experiments import data, engine, experiment, models, speedups, tracking
+from cifar_experiments.callbacks import Callback, Tracker
 from cifar_experiments.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,20 +100,25 @@ class Timing:
     other_threads: float
 
 
-class StopwatchTracker:
-    """Hands every call on to `tracker` and adds up the time training waits for it."""
+class Stopwatch(Callback):
+    """Hands every moment on to `tracker` and adds up the time training waits for it."""
 
-    def __init__(self, tracker: tracking.Tracker) -> None:
+    def __init__(self, tracker: Tracker) -> None:
         self.tracker, self.seconds = tracker, 0.0
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def on_step_end(self, state: engine.TrainingState, metrics: dict[str, float]) -> None:
         started = time.perf_counter()
-        self.tracker.log_metrics(metrics, step)
+        self.tracker.on_step_end(state, metrics)
         self.seconds += time.perf_counter() - started
 
-    def flush(self) -> None:
+    def on_epoch_end(self, state: engine.TrainingState, epoch: int, metrics: dict) -> None:
         started = time.perf_counter()
-        self.tracker.flush()
+        self.tracker.on_epoch_end(state, epoch, metrics)
+        self.seconds += time.perf_counter() - started
+
+    def on_train_end(self, state: engine.TrainingState) -> None:
+        started = time.perf_counter()
+        self.tracker.on_train_end(state)
         self.seconds += time.perf_counter() - started
 
 
@@ -127,16 +133,15 @@ def other_threads_cpu() -> dict[int, float]:
     return times
 
 
-def train(prepared: experiment.Prepared, tracker: tracking.Tracker) -> Timing:
-    config, classes = prepared.config, prepared.dataset.classes
-    torch.manual_seed(config.seed)
-    net = models.build_model(config.model, num_classes=len(classes))
-    stopwatch = StopwatchTracker(tracker)
+def train(prepared: experiment.Prepared, tracker: Tracker) -> Timing:
+    config = prepared.config
+    stopwatch = Stopwatch(tracker)
     threads_before = other_threads_cpu()
     started = time.perf_counter()
-    result = engine.fit(
-        config, net, prepared.train, prepared.val, classes, stopwatch, prepared.runtime
+    state = engine.TrainingState.create(
+        config, prepared.train, prepared.dataset.classes, prepared.runtime
     )
+    result = engine.fit(state, prepared.val, [stopwatch])
     loop = (time.perf_counter() - started) / config.epochs
     threads = sum(t - threads_before.get(i, 0.0) for i, t in other_threads_cpu().items())
     return Timing(
@@ -176,12 +181,79 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+# Each speed trick timed off against on, with the model it is for and the training images
+# timed (airbench on a subset: its epochs are minutes). "bf16 autocast" is what
+# `precision=auto` picks on CPUs with native bf16; off means fp32.
+TRICKS = [
+    ("pairwise_max_pool", "tutorial", None),
+    ("channels_last", "tutorial", None),
+    ("bf16 autocast", "tutorial", None),
+    ("channels_last", "airbench", 4096),
+    ("reuse_freed_memory", "airbench", 4096),
+    ("bf16 autocast", "airbench", 4096),
+]
+TRICK_EPOCHS = 2
+
+
+def epoch_seconds(folder: str, model: str, images: int | None, precision: str) -> float:
+    """The median epoch of a short training, without tracking (run in a process of its own,
+    as some tricks set up the whole process)."""
+    config = TrainConfig(model=model, epochs=TRICK_EPOCHS, data=folder, precision=precision)
+    prepared = experiment.prepare(config)
+    train_set = prepared.train
+    if images is not None:
+        train_set = data.stratified_split(train_set, images / len(train_set), config.seed)[1]
+    state = engine.TrainingState.create(config, train_set, prepared.dataset.classes,
+                                        prepared.runtime)  # fmt: skip
+    return statistics.median(
+        h["train/epoch_seconds"] for h in engine.fit(state, prepared.val).history
+    )
+
+
+def timed_child(folder: str, model: str, images: int | None, off: str | None) -> float:
+    precision = "fp32" if off == "bf16 autocast" else "auto"
+    env = {**os.environ, speedups.DISABLE_ENV: off if off in speedups.SPEEDUPS else ""}
+    command = [sys.executable, __file__, folder, "--child", model, str(images or 0), precision]
+    done = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+    return float(done.stdout.split()[-1])
+
+
+def trick_rows(folder: str, repeats: int) -> list[tuple[str, str, str]]:
+    """A row per trick: the median over `repeats` pairs, run in turns first, of (epoch with it
+    on) / (epoch with it off)."""
+    bf16_here = engine.Runtime.resolve("cpu").bf16
+    rows = []
+    for trick, model, images in TRICKS:
+        if trick == "bf16 autocast" and not bf16_here:
+            rows.append((f"{trick}, {model}", "not used here", "precision=auto picks fp32"))
+            continue
+        ratios = []
+        for repeat in range(repeats):
+            order = [None, trick] if repeat % 2 else [trick, None]
+            seconds = {off: timed_child(folder, model, images, off) for off in order}
+            ratios.append(seconds[None] / seconds[trick])
+            print(f"  {trick} ({model}): on {seconds[None]:.2f} s, off {seconds[trick]:.2f} s "
+                  "an epoch", flush=True)  # fmt: skip
+        on_images = f"{images:,} images" if images else "the whole split"
+        rows.append((f"{trick}, {model} ({on_images})", f"{statistics.median(ratios):.2f}",
+                     f"epoch time on / off, median of {repeats} pairs "
+                     f"({min(ratios):.2f} to {max(ratios):.2f})"))  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("folder", help="image folder with train/ and test/")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--trick-repeats", type=int, default=3)
+    parser.add_argument("--child", nargs=3, metavar=("MODEL", "IMAGES", "PRECISION"),
+                        help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
+    if args.child:
+        model, images, precision = args.child
+        print(epoch_seconds(args.folder, model, int(images) or None, precision))
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         store = f"sqlite:///{tmp}/mlflow.db"
@@ -200,9 +272,9 @@ def main() -> None:
             # faster does not favour one side.
             if repeat % 2:
                 tracked.append(train_tracked(prepared))
-                untracked.append(train(prepared, tracking.Tracker()))
+                untracked.append(train(prepared, Tracker()))
             else:
-                untracked.append(train(prepared, tracking.Tracker()))
+                untracked.append(train(prepared, Tracker()))
                 tracked.append(train_tracked(prepared))
             print(f"project, tracker off / MLflow: loop {untracked[-1].loop:.2f} / "
                   f"{tracked[-1].loop:.2f} s an epoch; median epoch "
@@ -247,10 +319,16 @@ def main() -> None:
          f"{1000 * waits:.1f} ms in its calls, {1000 * threads:.1f} ms CPU in MLflow's threads"),
         ("test accuracy of that `mlflow run`", f"{accuracy:.2%}", ""),
     ]  # fmt: skip
+    print("speed tricks, each off against on:", flush=True)
+    tricks = trick_rows(args.folder, args.trick_repeats)
     table = "\n".join(
         [f"Measured {time.strftime('%Y-%m-%d')} on {machine()}, data `{args.folder}`.", "",
          "| measurement | value | ratio |", "| --- | --- | --- |",
-         *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
+         *(f"| {a} | {b} | {c} |" for a, b, c in rows), "",
+         "Each speed trick (`cifar_experiments/speedups.py`; bf16 is `precision=auto`'s "
+         "choice), in processes of their own:", "",
+         "| trick, model | epoch time, on / off | how measured |", "| --- | --- | --- |",
+         *(f"| {a} | {b} | {c} |" for a, b, c in tricks)]
     )  # fmt: skip
     print(table)
     readme = ROOT / "benchmarks" / "README.md"

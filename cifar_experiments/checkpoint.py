@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 # Bump when the layout of the saved dictionary changes.
-FORMAT = 1
+FORMAT = 2
 
 
 class CheckpointError(ValueError):
@@ -63,11 +63,11 @@ def check_writable(folder: Path) -> None:
 
 @dataclass(frozen=True)
 class CheckpointFile:
-    """Where a run keeps its training state, and what the run was asked to do, saved with the
-    state so a resume can be checked against it."""
+    """Where a run keeps its training state (`engine.TrainingState.state_dict()`), and what
+    the run was asked to do, saved beside the state so a resume can be checked against it."""
 
     path: Path
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def save(self, state: dict[str, Any]) -> None:
-        save({**state, "meta": self.meta}, self.path)
+    def save(self, training: dict[str, Any]) -> None:
+        save({"training": training, "meta": self.meta}, self.path)

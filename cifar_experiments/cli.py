@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 import shlex
+import signal
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,12 +22,7 @@ if TYPE_CHECKING:
 from .config import (
     CHAMPION_ALIAS,
     CUDA_RECIPES,
-    DEVICES,
-    KEEP_EPOCHS,
-    MODEL_NAMES,
-    PRECISIONS,
     RECIPES,
-    SCHEDULES,
     ConfigError,
     TrainConfig,
     field_default,
@@ -57,19 +55,7 @@ def cli() -> None:
 
 
 _RECIPE_FIELDS = frozenset(next(iter(RECIPES.values())))
-
-
-def _option(name: str, **kwargs: Any) -> Callable:
-    """An option for a TrainConfig field: its help and default come from the config."""
-    return click.option(
-        "--" + name.replace("_", "-"),
-        name,
-        default=field_default(name),
-        show_default=field_default(name) is not None,
-        help=field_help(name)
-        + ("  [default: the model's recipe]" if name in _RECIPE_FIELDS else ""),
-        **kwargs,
-    )
+_CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING, bool: click.BOOL}
 
 
 class _OrEmpty(click.ParamType):
@@ -88,23 +74,46 @@ class _OrEmpty(click.ParamType):
         return self.inner.get_metavar(param, ctx)
 
 
-def _switch(name: str) -> Callable:
-    """`--name/--no-name` for people, and `--name true|false` for MLproject parameters."""
-    flag = "--" + name.replace("_", "-")
+def _config_options(command: Callable) -> Callable:
+    """One option per TrainConfig field, in the field's order, made from its type, default,
+    help and choices. A bool is a switch, `--name/--no-name` for people and `--name true|false`
+    for MLproject parameters; a field that may be None also takes "" for "not given"."""
+    hints = typing.get_type_hints(TrainConfig)
+    for config_field in reversed(dataclasses.fields(TrainConfig)):
+        name, meta = config_field.name, config_field.metadata
+        flag = "--" + name.replace("_", "-")
+        kinds = [t for t in typing.get_args(hints[name]) or (hints[name],) if t is not type(None)]
+        kind = click.Choice(meta["choices"]) if meta["choices"] else _CLICK_TYPES[kinds[0]]
+        if type(None) in typing.get_args(hints[name]) or kinds[0] is bool:
+            kind = _OrEmpty(kind)
+        if kinds[0] is bool:
+            command = _with_no_flag(name, command)
+        command = click.option(
+            flag,
+            name,
+            type=kind,
+            default=config_field.default,
+            show_default=config_field.default is not None,
+            metavar=meta["metavar"],
+            help=meta["help"]
+            + ("  [default: the model's recipe]" if name in _RECIPE_FIELDS else ""),
+            **({"is_flag": False, "flag_value": True} if kinds[0] is bool else {}),
+        )(command)
+    return command
 
-    def decorate(command: Callable) -> Callable:
-        @functools.wraps(command)
-        def merged(**options: Any) -> Any:
-            if options.pop(f"no_{name}"):
-                options[name] = False
-            return command(**options)
 
-        merged = click.option(
-            f"--no-{flag[2:]}", f"no_{name}", is_flag=True, help=f"Same as {flag} false."
-        )(merged)
-        return _option(name, type=_OrEmpty(click.BOOL), is_flag=False, flag_value=True)(merged)
+def _with_no_flag(name: str, command: Callable) -> Callable:
+    """`--no-name`, the same as `--name false`."""
 
-    return decorate
+    @functools.wraps(command)
+    def merged(**options: Any) -> Any:
+        if options.pop(f"no_{name}"):
+            options[name] = False
+        return command(**options)
+
+    flag = "--no-" + name.replace("_", "-")
+    same = "--" + name.replace("_", "-")
+    return click.option(flag, f"no_{name}", is_flag=True, help=f"Same as {same} false.")(merged)
 
 
 def _recipes_epilog() -> str:
@@ -134,30 +143,7 @@ def _recipes_epilog() -> str:
     "their defaults take the run's values; others must match, but --data may move and "
     "--device may change).",
 )
-@_option("epochs", type=int)
-@_option("model", type=click.Choice(MODEL_NAMES))
-@_option("batch_size", type=_OrEmpty(click.INT))
-@_option("lr", type=_OrEmpty(click.FLOAT))
-@_option("momentum", type=_OrEmpty(click.FLOAT))
-@_switch("nesterov")
-@_option("weight_decay", type=_OrEmpty(click.FLOAT))
-@_option("label_smoothing", type=_OrEmpty(click.FLOAT))
-@_option("schedule", type=_OrEmpty(click.Choice(SCHEDULES)))
-@_switch("lookahead")
-@_switch("augment")
-@_option("data", type=_OrEmpty(click.STRING), metavar="PATH")
-@_option("val_fraction", type=_OrEmpty(click.FLOAT))
-@_option("keep_epoch", type=_OrEmpty(click.Choice(KEEP_EPOCHS)))
-@_option("seed", type=int)
-@_option("device", type=click.Choice(DEVICES))
-@_option("precision", type=click.Choice(PRECISIONS))
-@_switch("compile")
-@_option("log_every", type=int)
-@_option("experiment_name", type=str)
-@_option("run_name", type=_OrEmpty(click.STRING))
-@_option("checkpoint_dir", type=str, metavar="PATH")
-@_switch("register")
-@_option("model_name", type=str)
+@_config_options
 def train(resume: str | None, **options: Any) -> None:
     """Train a classifier and record everything in MLflow.
 
@@ -183,7 +169,20 @@ def train(resume: str | None, **options: Any) -> None:
             sys.exit(interruption.exit_code)
         except KeyboardInterrupt:  # Ctrl-C where no handler could be installed (not main thread)
             click.echo("Interrupted.", err=True)
-            sys.exit(130)
+            sys.exit(interrupts.Interrupted(signal.SIGINT).exit_code)
+        except experiment.RegistrationFailed as failure:
+            _echo_summary(failure.summary)
+            retry = (
+                f"cifar-experiments register --run-id {failure.summary.run_id} "
+                f"--model-name {shlex.quote(prepared.config.model_name)}"
+            )
+            message = f"Registering the model failed: {failure.reason}. Retry with: {retry}"
+            # `mlflow run` marks its run FAILED whenever we exit non-zero, and the run did
+            # finish: there the error is said, not signalled.
+            if under_mlflow_run:
+                click.echo(f"Error: {message}", err=True)
+                return
+            raise click.ClickException(message) from None
     _echo_summary(summary)
 
 
@@ -285,20 +284,32 @@ def _echo_summary(summary: Any) -> None:
 )
 @click.option("--model-name", default=field_default("model_name"), show_default=True,
               help=field_help("model_name"))  # fmt: skip
-def register(experiment: str, model_name: str) -> None:
-    """Register the best finished run of an experiment, as training does.
+@click.option(
+    "--run-id",
+    type=_OrEmpty(click.STRING),
+    default="",
+    help="Register this run instead of the experiment's best.",
+)
+def register(experiment: str, model_name: str, run_id: str | None) -> None:
+    """Register the best finished run of an experiment (or --run-id), as training does.
 
-    For runs trained with --no-register or by someone else: it becomes a new version, and
-    `champion` moves to it only if its validation accuracy beats the champion's.
+    For runs trained with --no-register or by someone else, or whose registration failed: it
+    becomes a new version, and `champion` moves to it only if its validation accuracy beats
+    the champion's.
     """
+    from mlflow.exceptions import MlflowException
+
     from . import registry
 
     try:
-        run_id = registry.best_finished_run(experiment)
+        if run_id is None:
+            run_id = registry.best_finished_run(experiment)
+            click.echo(f"Best run of {experiment!r}: {run_id}")
         registration = registry.register_run(run_id, model_name)
     except registry.RegistryError as error:
         raise click.ClickException(str(error)) from None
-    click.echo(f"Best run of {experiment!r}: {run_id}")
+    except MlflowException as error:
+        raise click.ClickException(f"cannot register run {run_id}: {error.message}") from None
     _echo_registration(registration)
 
 

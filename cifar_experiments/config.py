@@ -1,6 +1,8 @@
 """What a training run is asked to do: one frozen, validated dataclass.
 
-Imports neither torch nor mlflow, so the CLI can check options before anything heavy loads.
+Each field carries its own type, help and choices; the command line is made from them
+(cli.py), so an option is written once. Imports neither torch nor mlflow, so the CLI can
+check options before anything heavy loads.
 """
 
 from __future__ import annotations
@@ -17,6 +19,37 @@ PRECISIONS = ("auto", "bf16", "fp32")
 KEEP_EPOCHS = ("best", "last")
 # The registered-model alias that always names the best version so far.
 CHAMPION_ALIAS = "champion"
+
+
+@dataclass(frozen=True)
+class PublishedSgd:
+    """SGD settings in airbench's published form: the learning rate and a weight decay
+    decoupled from it, both per 1024 examples of a loss summed over the batch."""
+
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+
+    def in_pytorch_terms(self, batch_size: int) -> dict[str, Any]:
+        """The same training at `batch_size`, as `torch.optim.SGD` settings for a loss averaged
+        over the batch (what `nn.CrossEntropyLoss` gives)."""
+        # airbench divides its rate by 1024 examples and by 1 + 1 / (1 - momentum), the weight
+        # that momentum's running sum gives each gradient; a mean loss multiplies the batch back.
+        lr = self.lr * batch_size / (1024 * (1 + 1 / (1 - self.momentum)))
+        return {
+            "batch_size": batch_size,
+            # 12 digits drop the float noise of 1 - 0.85, which would show in the logged value.
+            "lr": float(f"{lr:.12g}"),
+            "momentum": self.momentum,
+            # PyTorch couples decay to the rate (each step shrinks weights by lr * decay), so the
+            # decoupled decay becomes a share of the rate, the same at every batch size.
+            "weight_decay": self.weight_decay / self.lr,
+        }
+
+
+# airbench94's optimiser as published (Jordan 2024, airbench94.py `hyp["opt"]`).
+AIRBENCH94_SGD = PublishedSgd(batch_size=1024, lr=11.5, momentum=0.85, weight_decay=0.0153)
 
 # Each network trains best with its own recipe; an option left unset takes the model's value.
 # lr and weight_decay are in PyTorch's SGD terms for a loss averaged over the batch.
@@ -35,16 +68,11 @@ RECIPES: dict[str, dict[str, Any]] = {
         "val_fraction": 0.1,
         "keep_epoch": "best",
     },
-    # airbench94's published hyperparameters (Jordan, 2024), converted from its decoupled
-    # "per 1024 examples" form (lr 11.5 / (1 + 1 / (1 - 0.85)) per 1024 images, decay
-    # 0.0153 / 11.5), at half its batch: a CPU does the same work per image either way, and
-    # twice the steps gained 0.4 points in 10 epochs (benchmarks/README.md).
     "airbench": {
-        "batch_size": 512,
-        "lr": 0.75,
-        "momentum": 0.85,
+        # Half its published batch: a CPU does the same work per image either way, and twice
+        # the steps gained 0.4 points in 10 epochs (benchmarks/README.md).
+        **AIRBENCH94_SGD.in_pytorch_terms(batch_size=AIRBENCH94_SGD.batch_size // 2),
         "nesterov": True,
-        "weight_decay": 0.0153 / 11.5,
         "label_smoothing": 0.2,
         "schedule": "onecycle",
         "lookahead": True,
@@ -60,10 +88,11 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 # What a recipe becomes on CUDA. There an airbench step waits on Python and kernel launches
-# more than on arithmetic, so airbench's own batch of 1024 (at its own lr) trains in about half
-# the time, for 0.14 points on dev splits; a CPU does the same work per image at either batch
-# and keeps the extra steps of 512 (benchmarks/README.md).
-CUDA_RECIPES: dict[str, dict[str, Any]] = {"airbench": {"batch_size": 1024, "lr": 1.5}}
+# more than on arithmetic, so airbench's published batch trains in about half the time, for
+# 0.14 points on dev splits (benchmarks/README.md).
+CUDA_RECIPES: dict[str, dict[str, Any]] = {
+    "airbench": AIRBENCH94_SGD.in_pytorch_terms(batch_size=AIRBENCH94_SGD.batch_size)
+}
 
 
 class ConfigError(ValueError):
@@ -75,71 +104,82 @@ class ConfigError(ValueError):
         self.message = message
 
 
-def _doc(text: str, default: Any) -> Any:
-    return field(default=default, metadata={"help": text})
+def option(
+    help: str, default: Any, choices: tuple[str, ...] = (), metavar: str | None = None
+) -> Any:
+    """A field that is also a command-line option: its type is the field's annotation."""
+    return field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = _doc("Passes over the training split.", 10)
-    model: str = _doc(
-        "Network to train; it brings its own recipe for the options below.", "tutorial"
+    epochs: int = option("Passes over the training split.", 10)
+    model: str = option(
+        "Network to train; it brings its own recipe for the options below.",
+        "tutorial",
+        MODEL_NAMES,
     )
-    batch_size: int | None = _doc("Images per optimiser step.", None)
-    lr: float | None = _doc("Peak learning rate of SGD.", None)
-    momentum: float | None = _doc("SGD momentum.", None)
-    nesterov: bool | None = _doc("Nesterov momentum.", None)
-    weight_decay: float | None = _doc("L2 weight decay.", None)
-    label_smoothing: float | None = _doc("Label smoothing of the training loss.", None)
-    schedule: str | None = _doc("Learning-rate schedule over the whole run.", None)
-    lookahead: bool | None = _doc(
+    batch_size: int | None = option("Images per optimiser step.", None)
+    lr: float | None = option("Peak learning rate of SGD.", None)
+    momentum: float | None = option("SGD momentum.", None)
+    nesterov: bool | None = option("Nesterov momentum.", None)
+    weight_decay: float | None = option("L2 weight decay.", None)
+    label_smoothing: float | None = option("Label smoothing of the training loss.", None)
+    schedule: str | None = option("Learning-rate schedule over the whole run.", None, SCHEDULES)
+    lookahead: bool | None = option(
         "Every 5 steps, pull the weights toward their slow moving average (airbench).", None
     )
-    augment: bool = _doc(
+    augment: bool = option(
         "Flips (each image every other epoch) and 2-pixel translations of training batches.", True
     )
-    data: str | None = _doc(
+    data: str | None = option(
         "CIFAR-10 python folder or image folder (train/<class>/*, optional test/<class>/*); "
         "empty downloads CIFAR-10 with torchvision.",
         None,
+        metavar="PATH",
     )
-    val_fraction: float | None = _doc(
+    val_fraction: float | None = option(
         "Share of training images held out, stratified, to rank runs (and pick the best epoch).",
         None,
     )
-    keep_epoch: str | None = _doc(
+    keep_epoch: str | None = option(
         "Whose weights the run keeps: the epoch with the best validation accuracy, or the last.",
         None,
+        KEEP_EPOCHS,
     )
-    seed: int = _doc("Seed for the split, initialisation, shuffling and augmentation.", 0)
-    device: str = _doc(
-        "Where to train; auto picks cuda, then mps, then cpu. Recipes may differ on cuda.", "auto"
+    seed: int = option("Seed for the split, initialisation, shuffling and augmentation.", 0)
+    device: str = option(
+        "Where to train; auto picks cuda, then mps, then cpu. Recipes may differ on cuda.",
+        "auto",
+        DEVICES,
     )
-    precision: str = _doc(
+    precision: str = option(
         "auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), "
         "fp32 elsewhere.",
         "auto",
+        PRECISIONS,
     )
-    compile: bool = _doc("torch.compile the network (pays off on CUDA for long runs).", False)
-    log_every: int = _doc("Optimiser steps between points of the training-loss curve.", 10)
-    experiment_name: str = _doc(
+    compile: bool = option("torch.compile the network (pays off on CUDA for long runs).", False)
+    log_every: int = option("Optimiser steps between points of the training-loss curve.", 10)
+    experiment_name: str = option(
         "MLflow experiment (ignored under `mlflow run`, which chose one).", "cifar10"
     )
-    run_name: str | None = _doc("MLflow run name; empty lets MLflow pick one.", None)
-    checkpoint_dir: str = _doc(
+    run_name: str | None = option("MLflow run name; empty lets MLflow pick one.", None)
+    checkpoint_dir: str = option(
         "Folder for each run's training state (<run id>.pt), saved after every epoch and on "
         "interruption.",
         "checkpoints",
+        metavar="PATH",
     )
-    register: bool = _doc(
+    register: bool = option(
         "Register the model as a new version and move the `champion` alias to it when its "
         "validation accuracy beats the champion's.",
         True,
     )
-    model_name: str = _doc("Registered model name.", "cifar10-classifier")
+    model_name: str = option("Registered model name.", "cifar10-classifier")
 
     def __post_init__(self) -> None:
-        _one_of(self, "model", MODEL_NAMES)
+        _check_choice(self, "model")
         recipe = RECIPES[self.model]
         if self.device == "cuda":
             recipe = {**recipe, **CUDA_RECIPES.get(self.model, {})}
@@ -161,10 +201,8 @@ class TrainConfig:
             raise ConfigError("nesterov", "needs a momentum above 0")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
-        _one_of(self, "schedule", SCHEDULES)
-        _one_of(self, "keep_epoch", KEEP_EPOCHS)
-        _one_of(self, "device", DEVICES)
-        _one_of(self, "precision", PRECISIONS)
+        for config_field in dataclasses.fields(self):
+            _check_choice(self, config_field.name)
         if self.data is not None and not Path(self.data).exists():
             raise ConfigError("data", f"{self.data} does not exist")
         for name in ("experiment_name", "model_name", "checkpoint_dir"):
@@ -190,7 +228,8 @@ def _at_least(config: TrainConfig, name: str, minimum: int) -> None:
         raise ConfigError(name, f"must be at least {minimum}, got {value}")
 
 
-def _one_of(config: TrainConfig, name: str, choices: tuple[str, ...]) -> None:
+def _check_choice(config: TrainConfig, name: str) -> None:
+    choices = TrainConfig.__dataclass_fields__[name].metadata["choices"]
     value = getattr(config, name)
-    if value not in choices:
+    if choices and value not in choices:
         raise ConfigError(name, f"must be one of {', '.join(choices)}; got {value!r}")

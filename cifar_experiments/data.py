@@ -23,6 +23,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from . import speedups
+
 log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 32
@@ -182,16 +184,17 @@ class Normalization:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Pixels (N, C, H, W) on the 0-255 scale, uint8 or float -> float32, centred and scaled
-        per channel, in channels-last memory.
+        per channel, in the networks' memory layout (speedups.memory_format).
 
         One multiply-add: a chain of float ops here cost as much as the tutorial Net's whole
         forward pass. Its factors span a whole image, not one value per channel, so that in
         channels-last memory it runs over long runs rather than three values at a time.
         """
+        layout = speedups.memory_format()
         shift, scale = _normalization_factors(
-            self.mean, self.std, tuple(images.shape[1:]), images.device
+            self.mean, self.std, tuple(images.shape[1:]), images.device, layout
         )
-        pixels = images.contiguous(memory_format=torch.channels_last).float()
+        pixels = images.contiguous(memory_format=layout).float()
         return torch.addcmul(shift, pixels, scale)
 
 
@@ -201,6 +204,7 @@ def _normalization_factors(
     std: tuple[float, ...],
     image_shape: tuple[int, ...],
     device: torch.device,
+    layout: torch.memory_format,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Made once per device and image size: copying them to a GPU every batch would wait for
     the GPU to finish its queued work each time."""
@@ -208,8 +212,8 @@ def _normalization_factors(
     mean_t = torch.tensor(mean, device=device).view(shape)
     std_t = torch.tensor(std, device=device).view(shape)
     full = (1, *image_shape)
-    shift = (-mean_t / std_t).expand(full).contiguous(memory_format=torch.channels_last)
-    scale = (1 / (255 * std_t)).expand(full).contiguous(memory_format=torch.channels_last)
+    shift = (-mean_t / std_t).expand(full).contiguous(memory_format=layout)
+    scale = (1 / (255 * std_t)).expand(full).contiguous(memory_format=layout)
     return shift, scale
 
 

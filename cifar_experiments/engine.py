@@ -1,42 +1,32 @@
-"""The training loop: fit, train one epoch, evaluate. Device and precision are decided here only.
+"""The training loop: `fit` trains a `TrainingState` and calls its callbacks at named
+moments; `evaluate` scores a split. Device and precision are decided here only.
 
-It reports numbers to anything with `log_metrics(metrics, step)` and `flush()`, and knows
-nothing of MLflow.
+It knows nothing of MLflow: tracking, the progress bar, checkpoints and a sweep's pruner
+plug in as a `Callback` at its named moments (callbacks.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from . import data, models
-from .checkpoint import CheckpointFile
+from . import data, models, speedups
 from .config import TrainConfig
 from .evaluation import Evaluation
-from .interrupts import Interrupted, StopRequests
 
 log = logging.getLogger(__name__)
 
 EVAL_BATCH_SIZE = 1000
 # Training images that data-dependent initialisation (airbench's whitening) looks at.
 INIT_SAMPLE = 5000
-
-
-class MetricSink(Protocol):
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-
-    def flush(self) -> None:
-        """Make every metric logged so far durable."""
 
 
 class DeviceUnavailable(ValueError):
@@ -76,39 +66,13 @@ class Runtime:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        model = model.to(self.device)
-        if self.device.type == "cuda":
-            # Batches keep one shape, so cuDNN's one-off search for the fastest kernels pays.
-            torch.backends.cudnn.benchmark = True
-        if self.device.type == "cpu":
-            reuse_freed_memory()
-        # Channels-last suits the convolution kernels of CUDA and of oneDNN on CPUs alike
-        # (measured here: a fifth off the tutorial Net's CPU epoch).
-        return model.to(memory_format=torch.channels_last)
+    def place(self, model: nn.Module) -> nn.Module:
+        """`model` on this device, in the memory layout its convolutions run fastest in."""
+        return model.to(self.device, memory_format=speedups.memory_format())
 
     def put(self, images: data.ImageSet) -> data.ImageSet:
         """Keep a whole split resident on the device, as uint8, so batches never cross the bus."""
         return data.ImageSet(images.images.to(self.device), images.labels.to(self.device))
-
-
-def reuse_freed_memory() -> None:
-    """Have the C library (glibc; elsewhere nothing changes) keep freed memory for the next
-    tensor, as CUDA's caching allocator does.
-
-    By default glibc maps each large block fresh from the kernel and unmaps it when freed, so
-    every training step faults in its activations again, page by page: airbench spent a
-    sixth of its CPU step there (benchmarks/README.md). The memory stays with the process,
-    which holds on to its peak use, as it would with a caching allocator.
-    """
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (AttributeError, OSError, TypeError):  # not glibc: macOS, Windows
-        return
-    m_trim_threshold, m_mmap_max = -1, -4
-    # Serve large blocks from the heap, and never give its free top back.
-    mallopt(m_mmap_max, 0)
-    mallopt(m_trim_threshold, -1)
 
 
 def _cpu_has_native_bf16() -> bool:
@@ -171,15 +135,6 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.SGD:
     )
 
 
-@dataclass
-class FitResult:
-    kept_epoch: int
-    kept_val: Evaluation  # the kept epoch on the validation split, with test-time augmentation
-    normalization: data.Normalization
-    history: list[dict[str, float]]
-    global_step: int
-
-
 def lr_factor(schedule: str, step: int, total_steps: int) -> float:
     """Multiplier of the peak learning rate at optimiser step `step` (0-based) of `total_steps`."""
     progress = step / max(total_steps, 1)
@@ -194,51 +149,132 @@ def lr_factor(schedule: str, step: int, total_steps: int) -> float:
 
 
 @dataclass
-class Progress:
-    """How far training has got: `epoch` is the epoch under way and `step_in_epoch` the steps
-    of it already taken (0 between epochs). With `Training.state_dict()`, a checkpoint."""
+class EpochSums:
+    """Running sums over the epoch under way. They stay on the device: reading them every
+    step would stall a GPU. `window_loss` sums the losses since the last point of the
+    training-loss curve, or since the epoch began."""
 
-    epoch: int = 1
-    step_in_epoch: int = 0
-    global_step: int = 0
-    # Running sums of the epoch under way; they stay on the device, as reading them every
-    # step would stall a GPU.
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    kept_accuracy: float = -1.0
-    kept_epoch: int = 0
-    kept_state: dict[str, torch.Tensor] = field(default_factory=dict)
-    history: list[dict[str, float]] = field(default_factory=list)
+    loss: torch.Tensor
+    window_loss: torch.Tensor
+    correct: torch.Tensor
 
-    def state_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
+    @classmethod
+    def zeros(cls, device: torch.device) -> EpochSums:
+        zero = torch.zeros((), device=device)
+        return cls(zero.clone(), zero.clone(), torch.zeros((), dtype=torch.int64, device=device))
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss += loss * len(labels)
+        self.window_loss += loss
+        self.correct += (logits.argmax(dim=1) == labels).sum()
+
+    def take_window_mean(self, steps: int) -> float:
+        mean = self.window_loss.item() / steps
+        self.window_loss.zero_()
+        return mean
+
+
+# The fields of TrainingState that say how far training has got and what it has kept.
+PROGRESS = ("epoch", "step_in_epoch", "global_step", "kept_epoch", "kept_accuracy",
+            "kept_weights", "history")  # fmt: skip
 
 
 @dataclass
-class Training:
-    """Everything an optimiser step changes. All the randomness of training (shuffling,
-    crops, flips) comes from `generator`; `epoch_start` is its state, and the flips, as the
-    epoch under way began, so an interrupted epoch can be replayed exactly."""
+class TrainingState:
+    """Everything training reads and changes, in one place: `state_dict()` is the checkpoint
+    and `load_state_dict()` resumes from one, exactly.
 
-    model: nn.Module
+    `epoch` is the epoch under way (1-based) and `step_in_epoch` the steps of it already
+    taken. All the randomness of training (shuffling, crops, flips) comes from `generator`;
+    `epoch_start` holds it, and the flips, as the epoch under way began, so an interrupted
+    epoch can be replayed.
+    """
+
+    config: TrainConfig
+    runtime: Runtime
+    classes: tuple[str, ...]
+    model: models.CifarNet  # weights are read and saved through it
+    forward: nn.Module  # `model`, or its compiled twin
+    normalization: data.Normalization
+    batches: data.TrainingSet
     optimizer: torch.optim.SGD
     scheduler: torch.optim.lr_scheduler.LambdaLR
     lookahead: Lookahead | None
-    train_set: data.TrainingSet
     generator: torch.Generator
+    sums: EpochSums
+    epoch: int = 1
+    step_in_epoch: int = 0
+    global_step: int = 0
+    kept_epoch: int = 0
+    kept_accuracy: float = -1.0
+    kept_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
     epoch_start: dict[str, Any] = field(default_factory=dict)
 
-    def begin_epoch(self) -> None:
-        self.epoch_start = {
-            "generator": self.generator.get_state(),
-            "flipped": self.train_set.flipped,
+    @classmethod
+    def create(
+        cls, config: TrainConfig, train_set: data.ImageSet, classes: tuple[str, ...],
+        runtime: Runtime,
+    ) -> TrainingState:  # fmt: skip
+        """A fresh training of `config.model` on `train_set`, seeded by `config.seed`."""
+        speedups.tune_process(runtime.device)
+        torch.manual_seed(config.seed)
+        model = runtime.place(models.build_model(config.model, num_classes=len(classes)))
+        normalization = data.Normalization.of(train_set.images)
+        train_set = runtime.put(train_set)
+        model.init_from_data(normalization(train_set.images[:INIT_SAMPLE]))
+        batches = data.TrainingSet(train_set, config.augment)
+        optimizer = make_optimizer(config, model)
+        total_steps = config.epochs * batches.steps(config.batch_size)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(config.schedule, step, total_steps)
+        )
+        state = cls(
+            config, runtime, classes, model,
+            forward=torch.compile(model) if config.compile else model,
+            normalization=normalization, batches=batches, optimizer=optimizer,
+            scheduler=scheduler,
+            lookahead=Lookahead(model, total_steps) if config.lookahead else None,
+            generator=torch.Generator().manual_seed(config.seed),
+            sums=EpochSums.zeros(runtime.device),
+        )  # fmt: skip
+        state.epoch_start = state._random_streams()
+        return state
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batches.steps(self.config.batch_size)
+
+    def loss_point(self) -> dict[str, float]:
+        """The training-loss curve's point at this step, every `log_every` steps; else nothing."""
+        if self.global_step % self.config.log_every:
+            return {}
+        window = min(self.config.log_every, self.step_in_epoch)
+        return {"train/loss": self.sums.take_window_mean(window)}
+
+    def epoch_metrics(self, first_step: int, seconds: float) -> dict[str, float]:
+        """The training statistics of the epoch under way, now that its last step is taken."""
+        seen = self.steps_per_epoch * min(self.config.batch_size, len(self.batches))
+        taken = (self.step_in_epoch - first_step) * seen / self.steps_per_epoch
+        return {
+            "train/epoch_loss": self.sums.loss.item() / seen,
+            "train/accuracy": self.sums.correct.item() / seen,
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/images_per_second": taken / seconds,
         }
 
-    def rewind_epoch(self) -> None:
-        self.generator.set_state(self.epoch_start["generator"])
-        flipped = self.epoch_start["flipped"]
-        self.train_set.flipped = (
-            flipped.to(self.train_set.labels.device) if flipped is not None else None
-        )
+    def end_epoch(self, metrics: dict[str, float], val_accuracy: float) -> None:
+        """Record the epoch just trained, keep its weights if `keep_epoch` says so, and move
+        on to the next."""
+        self.history.append({"epoch": self.epoch, **metrics})
+        if self.config.keep_epoch == "last" or val_accuracy > self.kept_accuracy:
+            self.kept_accuracy, self.kept_epoch = val_accuracy, self.epoch
+            self.kept_weights = {
+                k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
+            }
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.sums = EpochSums.zeros(self.runtime.device)
+        self.epoch_start = self._random_streams()
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -247,6 +283,8 @@ class Training:
             "scheduler": self.scheduler.state_dict(),
             "lookahead": self.lookahead.slow if self.lookahead is not None else None,
             "epoch_start": self.epoch_start,
+            "sums": vars(self.sums),
+            "progress": {name: getattr(self, name) for name in PROGRESS},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -256,166 +294,100 @@ class Training:
         if self.lookahead is not None:
             for name, slow in self.lookahead.slow.items():
                 slow.copy_(state["lookahead"][name])
+        self.sums = EpochSums(**{k: v.to(self.runtime.device) for k, v in state["sums"].items()})
+        for name, value in state["progress"].items():
+            setattr(self, name, value)
+        # Back to the epoch's start: its first `step_in_epoch` batches are drawn again, unused.
         self.epoch_start = state["epoch_start"]
-        self.rewind_epoch()
+        self.generator.set_state(self.epoch_start["generator"])
+        flipped = self.epoch_start["flipped"]
+        self.batches.flipped = flipped.to(self.runtime.device) if flipped is not None else None
+
+    def evaluate(self, images: data.ImageSet, tta: bool = True) -> Evaluation:
+        """The model as it stands on `images`; with `tta`, as the logged model predicts."""
+        return evaluate(self.forward, images, self.classes, self.normalization, self.runtime, tta)
+
+    def _random_streams(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "flipped": self.batches.flipped}
+
+
+class Callback:
+    """The moments of `fit` at which the rest plugs in (callbacks.py). Each does nothing
+    unless a subclass says otherwise."""
+
+    def on_train_start(self, state: TrainingState) -> None:
+        """Before the first step, of a fresh training or a resumed one."""
+
+    def on_step_end(self, state: TrainingState, metrics: dict[str, float]) -> None:
+        """After each optimiser step. `metrics` holds the training-loss curve's point
+        (`train/loss`, step = `state.global_step`) every `log_every` steps, else nothing."""
+
+    def on_epoch_end(
+        self, state: TrainingState, epoch: int, metrics: dict[str, float]
+    ) -> bool | None:
+        """After epoch `epoch` and its validation; `state` has moved on to the next epoch.
+        Answer True to make it the last (a pruner does)."""
+
+    def on_train_end(self, state: TrainingState) -> None:
+        """After the last epoch, with the kept epoch's weights back in the model."""
+
+
+@dataclass
+class FitResult:
+    kept_epoch: int
+    kept_val: Evaluation  # the kept epoch on the validation split, with test-time augmentation
+    history: list[dict[str, float]]
+    global_step: int
 
 
 def fit(
-    config: TrainConfig,
-    model: nn.Module,
-    train_set: data.ImageSet,
-    val_set: data.ImageSet,
-    classes: tuple[str, ...],
-    tracker: MetricSink,
-    runtime: Runtime,
-    checkpoints: CheckpointFile | None = None,
-    resume_from: dict[str, Any] | None = None,
-    stop: StopRequests | None = None,
+    state: TrainingState, val_set: data.ImageSet, callbacks: Sequence[Callback] = ()
 ) -> FitResult:
-    """Train for `config.epochs`, validate after each, and leave `model` at the epoch that
-    `config.keep_epoch` chooses: the best on validation, or the last.
-
-    With `checkpoints`, the whole training state is saved after every epoch and when `stop`
-    reports a signal (then `Interrupted` is raised); `resume_from` is such a saved state, and
-    training goes on from it exactly as if it had never stopped.
+    """Train from where `state` stands to its last epoch, validate after each epoch, and leave
+    the model with the weights of the epoch `keep_epoch` chooses: the best on validation, or
+    the last. Callbacks are called at four moments (callbacks.Callback); when one answers an
+    epoch's end with True, that epoch is the last.
     """
-    normalization = data.Normalization.of(train_set.images)
-    model = runtime.prepare_model(model)
-    train_set, val_set = runtime.put(train_set), runtime.put(val_set)
-    if isinstance(model, models.CifarNet):
-        model.init_from_data(normalization(train_set.images[:INIT_SAMPLE]))
-    # Weights are read and saved through `model`; `forward` may be its compiled twin.
-    forward = torch.compile(model) if config.compile else model
-    optimizer = make_optimizer(config, model)
-    batches = data.TrainingSet(train_set, config.augment)
-    total_steps = config.epochs * batches.steps(config.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(config.schedule, step, total_steps)
-    )
-    lookahead = Lookahead(model, total_steps) if config.lookahead else None
-    generator = torch.Generator().manual_seed(config.seed)
-    training = Training(model, optimizer, scheduler, lookahead, batches, generator)
-    progress = Progress()
-    if resume_from is None:
-        training.begin_epoch()
-    else:
-        training.load_state_dict(resume_from["training"])
-        progress = Progress(**resume_from["progress"])
-        progress.sums = {k: v.to(runtime.device) for k, v in progress.sums.items()}
-        log.info("Resuming at epoch %d, step %d", progress.epoch, progress.global_step)
-
-    def save_checkpoint() -> None:
-        if checkpoints is not None:
-            tracker.flush()  # the curves on record must reach as far as the checkpoint
-            checkpoints.save({"progress": progress.state_dict(), "training": training.state_dict()})
-
-    with stop.deferred() if stop is not None else contextlib.nullcontext():
-        while progress.epoch <= config.epochs:
-            epoch = progress.epoch
-            started = time.perf_counter()
-            train_stats = train_one_epoch(config, forward, training, normalization, progress,
-                                          tracker, runtime, stop)  # fmt: skip
-            if train_stats is None:
-                save_checkpoint()
-                raise Interrupted(stop.pending, checkpointed=checkpoints is not None)
-            # The curves follow the bare network; test-time augmentation waits for the kept epoch.
-            val = evaluate(forward, val_set, classes, normalization, runtime, tta=False)
-            record = {
-                **train_stats,
-                **{f"val/{name}": value for name, value in val.metrics().items()},
-                "train/epoch_seconds": time.perf_counter() - started,
-            }
-            tracker.log_metrics(record, step=epoch)
-            progress.history.append({"epoch": epoch, **record})
-            if config.keep_epoch == "last" or val.accuracy > progress.kept_accuracy:
-                progress.kept_accuracy, progress.kept_epoch = val.accuracy, epoch
-                progress.kept_state = {
-                    k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
-                }
-            log.info(
-                "epoch %d/%d  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%  lr %.4g"
-                "  %.1f s  (%.0f img/s)",
-                epoch, config.epochs, record["train/epoch_loss"], 100 * record["train/accuracy"],
-                val.loss, 100 * val.accuracy, record["train/lr"], record["train/epoch_seconds"],
-                record["train/images_per_second"],
-            )  # fmt: skip
-            progress.epoch, progress.step_in_epoch, progress.sums = epoch + 1, 0, {}
-            training.begin_epoch()
-            save_checkpoint()
-            if stop is not None and stop.pending is not None:
-                raise Interrupted(stop.pending, checkpointed=checkpoints is not None)
-    model.load_state_dict(progress.kept_state)
-    kept_val = evaluate(forward, val_set, classes, normalization, runtime)
-    return FitResult(
-        progress.kept_epoch, kept_val, normalization, progress.history, progress.global_step
-    )
-
-
-def train_one_epoch(
-    config: TrainConfig,
-    model: nn.Module,
-    training: Training,
-    normalization: data.Normalization,
-    progress: Progress,
-    tracker: MetricSink,
-    runtime: Runtime,
-    stop: StopRequests | None = None,
-) -> dict[str, float] | None:
-    """Train from `progress.step_in_epoch` to the end of the epoch, and return its statistics;
-    or return None as soon as `stop` has a signal pending, with `progress` up to date."""
-    model.train()
-    if isinstance(training.model, models.CifarNet):
-        training.model.begin_epoch(progress.epoch)
+    config, runtime = state.config, state.runtime
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    # `window_loss` sums the losses since the last point of the curve, or since the epoch began.
-    sums = progress.sums or {
-        name: torch.zeros((), dtype=dtype, device=runtime.device)
-        for name, dtype in (("loss", torch.float32), ("window_loss", torch.float32),
-                            ("correct", torch.int64))
-    }  # fmt: skip
-    progress.sums = sums
-    started, first_step = time.perf_counter(), progress.step_in_epoch
-    steps = training.train_set.steps(config.batch_size)
-    progress_bar = tqdm(
-        total=steps, initial=first_step, desc=f"epoch {progress.epoch}/{config.epochs}",
-        unit="step", leave=False, disable=None,
-    )  # fmt: skip
-    batches = training.train_set.batches(config.batch_size, training.generator, first_step)
-    for images, labels in batches:
-        inputs = normalization(images)
-        with runtime.autocast():
-            logits = model(inputs)
-            loss = loss_fn(logits.float(), labels)
-        training.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        training.optimizer.step()
-        training.scheduler.step()
-        progress.global_step += 1
-        progress.step_in_epoch += 1
-        if training.lookahead is not None:
-            training.lookahead.step(progress.global_step)
-        sums["loss"] += loss.detach() * len(labels)
-        sums["window_loss"] += loss.detach()
-        sums["correct"] += (logits.argmax(dim=1) == labels).sum()
-        if progress.global_step % config.log_every == 0:
-            window = min(config.log_every, progress.step_in_epoch)
-            mean_loss = sums["window_loss"].item() / window
-            tracker.log_metrics({"train/loss": mean_loss}, step=progress.global_step)
-            progress_bar.set_postfix(loss=f"{mean_loss:.3f}")
-            sums["window_loss"].zero_()
-        progress_bar.update()
-        if stop is not None and stop.pending is not None and progress.step_in_epoch < steps:
-            progress_bar.close()
-            return None
-    progress_bar.close()
-    seconds = time.perf_counter() - started
-    seen = steps * min(config.batch_size, len(training.train_set))
-    return {
-        "train/epoch_loss": sums["loss"].item() / seen,
-        "train/accuracy": sums["correct"].item() / seen,
-        "train/lr": training.scheduler.get_last_lr()[0],
-        "train/images_per_second": (progress.step_in_epoch - first_step) * seen / steps / seconds,
-    }
+    val_set = runtime.put(val_set)  # once, not every epoch
+    for callback in callbacks:
+        callback.on_train_start(state)
+    stop_early = False
+    while state.epoch <= config.epochs and not stop_early:
+        started, first_step = time.perf_counter(), state.step_in_epoch
+        state.forward.train()
+        state.model.begin_epoch(state.epoch)
+        for images, labels in state.batches.batches(config.batch_size, state.generator, first_step):
+            with runtime.autocast():
+                logits = state.forward(state.normalization(images))
+                loss = loss_fn(logits.float(), labels)
+            state.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            state.optimizer.step()
+            state.scheduler.step()
+            state.global_step += 1
+            state.step_in_epoch += 1
+            if state.lookahead is not None:
+                state.lookahead.step(state.global_step)
+            state.sums.add(loss.detach(), logits.detach(), labels)
+            point = state.loss_point()
+            for callback in callbacks:
+                callback.on_step_end(state, point)
+        metrics = state.epoch_metrics(first_step, time.perf_counter() - started)
+        # The curves follow the bare network; test-time augmentation waits for the kept epoch.
+        val = state.evaluate(val_set, tta=False)
+        metrics.update({f"val/{name}": value for name, value in val.metrics().items()})
+        metrics["train/epoch_seconds"] = time.perf_counter() - started
+        epoch = state.epoch
+        state.end_epoch(metrics, val.accuracy)
+        # Every callback hears of the epoch, whichever asks to stop.
+        stop_early = any([callback.on_epoch_end(state, epoch, metrics) for callback in callbacks])
+    state.model.load_state_dict(state.kept_weights)
+    kept_val = state.evaluate(val_set)
+    for callback in callbacks:
+        callback.on_train_end(state)
+    return FitResult(state.kept_epoch, kept_val, state.history, state.global_step)
 
 
 @torch.no_grad()

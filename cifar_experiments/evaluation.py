@@ -101,8 +101,8 @@ class Evaluation:
 def curves_figure(history: list[dict[str, float]]) -> Figure:
     """Loss and accuracy per epoch, training against validation."""
     epochs = [h["epoch"] for h in history]
-    # Training numbers come from augmented batches as the weights move; validation from a
-    # fixed model with flip averaging, which is why it can sit above training.
+    # Training numbers come from augmented batches as the weights move; validation from the
+    # bare network at the epoch's end, which is why it can sit above training.
     train_label, val_label = "train (augmented batches, during the epoch)", "validation"
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     loss_ax.plot(epochs, [h["train/epoch_loss"] for h in history], "o-", label=train_label)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -13,8 +14,10 @@ from typing import Any
 
 import mlflow
 import torch
+from mlflow.exceptions import MlflowException
 
-from . import checkpoint, data, engine, models, registry, tracking
+from . import checkpoint, data, engine, models, registry, serving, speedups, tracking
+from .callbacks import Callback, Checkpointing, ProgressBar, Tracker
 from .config import TrainConfig, field_default
 from .evaluation import Evaluation, curves_figure
 from .interrupts import Interrupted, StopRequests
@@ -146,52 +149,40 @@ def _alive(process: str | None) -> bool:
 
 def run(
     prepared: Prepared,
-    tracker: tracking.Tracker,
+    tracker: Tracker,
     checkpoints: checkpoint.CheckpointFile | None = None,
     stop: StopRequests | None = None,
 ) -> Summary:
+    """Train, evaluate and log the model, recording all of it through `tracker`.
+
+    With `checkpoints`, the training state is saved after every epoch and, once `stop` has a
+    signal pending, between two steps; training then raises Interrupted.
+    """
     config, dataset, resumption = prepared.config, prepared.dataset, prepared.resumption
-    torch.manual_seed(config.seed)
-    net = models.build_model(config.model, num_classes=len(dataset.classes))
+    state = engine.TrainingState.create(config, prepared.train, dataset.classes, prepared.runtime)
     if resumption is None:
-        tracker.log_params(
-            {
-                **config.as_params(),
-                # Under `mlflow run`, `device` keeps the launcher's "auto"; this is the one used.
-                "compute_device": str(prepared.runtime.device),
-                "compute_precision": prepared.runtime.precision,
-                "parameter_count": models.parameter_count(net),
-                "train_size": len(prepared.train),
-                "val_size": len(prepared.val),
-                "test_size": len(dataset.test) if dataset.test is not None else 0,
-                "num_classes": len(dataset.classes),
-                "torch_version": torch.__version__,
-                "mlflow_version": mlflow.__version__,
-                "python_version": platform.python_version(),
-            }
-        )
+        tracker.log_params(_params(prepared, state))
         tracker.log_dataset(dataset)
-    fit = engine.fit(
-        config, net, prepared.train, prepared.val, dataset.classes, tracker, prepared.runtime,
-        checkpoints, resumption.state if resumption is not None else None, stop,
-    )  # fmt: skip
+    else:
+        state.load_state_dict(resumption.state["training"])
+    callbacks: list[Callback] = [tracker, ProgressBar()]
+    if checkpoints is not None:
+        callbacks.append(Checkpointing(checkpoints, tracker, stop))
+    with stop.deferred() if stop is not None else contextlib.nullcontext():
+        fit = engine.fit(state, prepared.val, callbacks)
     tracker.log_metrics({tracking.BEST_VAL_METRIC: fit.kept_val.accuracy}, step=fit.kept_epoch)
     tracker.log_evaluation("val", fit.kept_val)
     tracker.log_figure(curves_figure(fit.history), "training_curves.png")
     test = None
     if dataset.test is not None:
-        test = engine.evaluate(
-            net, dataset.test, dataset.classes, fit.normalization, prepared.runtime
-        )
+        test = state.evaluate(dataset.test)
         tracker.log_metrics(
             {f"test/{k}": v for k, v in test.metrics().items()}, step=fit.kept_epoch
         )
         tracker.log_evaluation("test", test)
     tracker.log_model(
-        net,
-        config.model,
-        dataset.classes,
-        fit.normalization,
+        state.model,
+        serving.settings(config.model, dataset.classes, state.normalization),
         example_png=data.encode_png(prepared.val.images[0]),
     )
     tracker.set_description(_description(prepared, fit, test))
@@ -203,11 +194,32 @@ def run(
     )
 
 
+def _params(prepared: Prepared, state: engine.TrainingState) -> dict[str, Any]:
+    """Every option, and what was derived from them and from the machine."""
+    runtime, dataset = prepared.runtime, prepared.dataset
+    return {
+        **prepared.config.as_params(),
+        # Under `mlflow run`, `device` keeps the launcher's "auto"; this is the one used.
+        "compute_device": str(runtime.device),
+        "compute_precision": runtime.precision,
+        "speedups": ",".join(speedups.active(runtime.device)) or "none",
+        "parameter_count": models.parameter_count(state.model),
+        "train_size": len(prepared.train),
+        "val_size": len(prepared.val),
+        "test_size": len(dataset.test) if dataset.test is not None else 0,
+        "num_classes": len(dataset.classes),
+        "torch_version": torch.__version__,
+        "mlflow_version": mlflow.__version__,
+        "python_version": platform.python_version(),
+    }
+
+
 def train(prepared: Prepared, stop: StopRequests | None = None) -> Summary:
     """Run inside an MLflow run that ends FINISHED, FAILED or KILLED; then register it.
 
     The training state is checkpointed after every epoch and on a stop request; a stopped
-    run raises Interrupted, carrying its run ID.
+    run raises Interrupted, carrying its run ID. A registration that fails leaves the run
+    FINISHED and raises RegistrationFailed.
     """
     config, resumption = prepared.config, prepared.resumption
     resume_run_id = resumption.run_id if resumption is not None else None
@@ -224,7 +236,19 @@ def train(prepared: Prepared, stop: StopRequests | None = None) -> Summary:
             raise
     if not config.register or summary.run_id is None:
         return summary
-    return replace(summary, registration=registry.register_run(summary.run_id, config.model_name))
+    try:
+        registration = registry.register_run(summary.run_id, config.model_name)
+    except (MlflowException, registry.RegistryError) as error:
+        raise RegistrationFailed(summary, getattr(error, "message", str(error))) from error
+    return replace(summary, registration=registration)
+
+
+class RegistrationFailed(Exception):
+    """The run finished, but registering its model did not; `register` can try again."""
+
+    def __init__(self, summary: Summary, reason: str) -> None:
+        super().__init__(reason)
+        self.summary, self.reason = summary, reason
 
 
 def _description(prepared: Prepared, fit: engine.FitResult, test: Evaluation | None) -> str:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import speedups
 
 
 class CifarNet(nn.Module):
@@ -31,7 +32,7 @@ class Net(CifarNet):
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 6, 5)
-        self.pool = MaxPool2x2()
+        self.pool = speedups.MaxPool2x2()
         self.conv2 = nn.Conv2d(6, 16, 5)
         self.fc1 = nn.Linear(16 * 5 * 5, 120)
         self.fc2 = nn.Linear(120, 84)
@@ -46,61 +47,6 @@ class Net(CifarNet):
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
         return self.fc3(x)
-
-
-class MaxPool2x2(nn.Module):
-    """`nn.MaxPool2d(2, 2)`, with a faster path for channels-last CPU tensors of few channels.
-
-    PyTorch's CPU kernel vectorises across channels, so over the tutorial's first six it
-    runs an element at a time: 1.1 ms of a 4 ms training step at batch 128. Taking the
-    larger of each pair of columns, then of each pair of rows, as whole-tensor operations
-    takes a tenth off the step and half off a forward pass (benchmarks/pool.py). The output
-    and its gradient are identical.
-    """
-
-    # At 16 channels and more, PyTorch's kernel fills a vector register and is the faster.
-    max_channels = 15
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, c, h, w = x.shape
-        if (
-            x.device.type == "cpu"
-            and c <= self.max_channels
-            and h % 2 == 0
-            and w % 2 == 0
-            and x.is_contiguous(memory_format=torch.channels_last)
-        ):
-            return _PairwiseMaxPool.apply(x)
-        return F.max_pool2d(x, 2)
-
-
-class _PairwiseMaxPool(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        # Channels-last memory is (N, H, W, C): the two columns of a pair are neighbouring runs
-        # of C values, and the two rows of a pair neighbouring runs of W*C.
-        left, right = x.permute(0, 2, 3, 1).view(n, h, w // 2, 2, c).unbind(3)
-        pairs = torch.maximum(left, right)
-        top, bottom = pairs.view(n, h // 2, 2, -1).unbind(2)
-        out = torch.maximum(top, bottom)
-        if ctx.needs_input_grad[0]:
-            # Which of each pair won, as 0 or 1 in x's dtype (so the backward multiplies
-            # exactly). A tie goes to the left, then the top: PyTorch's own choice, so the
-            # gradients match `F.max_pool2d`'s bit for bit.
-            ctx.save_for_backward((right > left).to(x.dtype), (bottom > top).to(x.dtype))
-        return out.view(n, h // 2, w // 2, c).permute(0, 3, 1, 2)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        from_right, from_bottom = ctx.saved_tensors
-        n, h, half_w, c = from_right.shape
-        grad = grad.permute(0, 2, 3, 1).reshape(n, h // 2, -1)
-        to_bottom = grad * from_bottom
-        grad_pairs = torch.stack((grad - to_bottom, to_bottom), dim=2).view(n, h, half_w, c)
-        to_right = grad_pairs * from_right
-        grad_x = torch.stack((grad_pairs - to_right, to_right), dim=3)
-        return grad_x.view(n, h, 2 * half_w, c).permute(0, 3, 1, 2)
 
 
 class Airbench(CifarNet):

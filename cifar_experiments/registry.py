@@ -133,10 +133,9 @@ def _champion(client: mlflow.MlflowClient, name: str) -> ModelVersion | None:
 
 
 def _version_of_run(client: mlflow.MlflowClient, name: str, run_id: str) -> str | None:
-    try:
-        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    except MlflowException:
-        return None
+    # A search finds nothing (it does not fail) before the model's first version; any error
+    # is real, and is passed on rather than taken for "not registered yet".
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     return str(versions[0].version) if versions else None
 
 

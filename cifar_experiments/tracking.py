@@ -1,6 +1,5 @@
-"""Every MLflow call of a training run lives here, behind a small Tracker interface.
-
-`Tracker` records nothing (for tests, benchmarks and dry runs); `MlflowTracker` records a run.
+"""Every MLflow call of a training run lives here: `MlflowTracker` records a run behind the
+`callbacks.Tracker` interface, and `mlflow_run` starts and always ends one.
 """
 
 from __future__ import annotations
@@ -31,8 +30,9 @@ from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
 
 from . import serving
+from .callbacks import Tracker
 from .config import TrainConfig
-from .data import Dataset, Normalization
+from .data import Dataset
 from .evaluation import Evaluation
 from .interrupts import Interrupted
 
@@ -55,43 +55,6 @@ CHECKPOINT_ARTIFACT_DIR = "checkpoint"
 
 class TrackingError(ValueError):
     """The tracking store cannot be used, or lacks what was asked of it."""
-
-
-class Tracker:
-    """The tracking interface. This base records nothing."""
-
-    run_id: str | None = None
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def log_dataset(self, dataset: Dataset) -> None:
-        pass
-
-    def log_evaluation(self, split: str, evaluation: Evaluation) -> None:
-        pass
-
-    def log_figure(self, figure: Figure, path: str) -> None:
-        plt.close(figure)
-
-    def log_model(
-        self,
-        net: torch.nn.Module,
-        model_name: str,
-        classes: tuple[str, ...],
-        normalization: Normalization,
-        example_png: bytes,
-    ) -> None:
-        pass
-
-    def set_description(self, markdown: str) -> None:
-        pass
 
 
 class MlflowTracker(Tracker):
@@ -159,30 +122,23 @@ class MlflowTracker(Tracker):
         mlflow.log_figure(figure, path)
         plt.close(figure)
 
-    def log_model(
-        self,
-        net: torch.nn.Module,
-        model_name: str,
-        classes: tuple[str, ...],
-        normalization: Normalization,
-        example_png: bytes,
-    ) -> None:
+    def log_model(self, net: torch.nn.Module, settings: dict[str, Any], example_png: bytes) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             weights = Path(tmp) / WEIGHTS_FILE
             torch.save({k: v.cpu() for k, v in net.state_dict().items()}, weights)
             mlflow.log_artifact(str(weights))
-            settings = Path(tmp) / "classifier.json"
-            settings.write_text(json.dumps(serving.settings(model_name, classes, normalization)))
+            settings_file = Path(tmp) / "classifier.json"
+            settings_file.write_text(json.dumps(settings))
             package = Path(__file__).parent
             mlflow.pyfunc.log_model(
                 name=MODEL_NAME,
                 python_model=str(package / "pyfunc_entry.py"),
                 artifacts={
                     serving.WEIGHTS_ARTIFACT: str(weights),
-                    serving.SETTINGS_ARTIFACT: str(settings),
+                    serving.SETTINGS_ARTIFACT: str(settings_file),
                 },
                 code_paths=[str(package)],
-                signature=serving.signature(classes),
+                signature=serving.signature(tuple(settings["classes"])),
                 input_example=serving.example_input(example_png),
                 pip_requirements=serving.pip_requirements(),
             )

@@ -1,8 +1,8 @@
-"""Shared fixtures: a temporary MLflow store and decode cache per test, and tiny datasets."""
+"""Shared fixtures: a temporary MLflow store and decode cache per test, and tiny datasets.
+Shared functions are in helpers.py."""
 
 from __future__ import annotations
 
-import io
 import pickle
 from pathlib import Path
 
@@ -10,20 +10,18 @@ import mlflow
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
+from helpers import CLASSES, TEST_PER_CLASS, TRAIN_PER_CLASS, encode, synthetic_images
 
 from cifar_experiments.cli import cli
-
-CLASSES = ("cat", "dog", "frog")
-TRAIN_PER_CLASS = 10
-TEST_PER_CLASS = 4
 
 
 @pytest.fixture(autouse=True)
 def tracking_store(tmp_path_factory, monkeypatch):
-    """A fresh SQLite store per test; fails the test if it leaves a run active."""
+    """A fresh SQLite store per test, run from its folder (where MLflow puts artifacts and
+    training its checkpoints, by default); fails the test if it leaves a run active."""
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
+    monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("CIFAR_EXPERIMENTS_CACHE", str(root / "cache"))
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
@@ -33,20 +31,6 @@ def tracking_store(tmp_path_factory, monkeypatch):
     active = mlflow.active_run()
     mlflow.end_run()
     assert active is None, f"run {active.info.run_id} was left active"
-
-
-def synthetic_images(n: int, label: int, seed: int) -> np.ndarray:
-    """(n, 32, 32, 3) uint8: a class colour plus noise, so a few steps can learn something."""
-    rng = np.random.default_rng(seed)
-    colour = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]][label % 3], dtype=np.int16)
-    noise = rng.integers(-40, 40, size=(n, 32, 32, 3))
-    return np.clip(colour + noise, 0, 255).astype(np.uint8)
-
-
-def encode(array: np.ndarray, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="session")
@@ -90,8 +74,10 @@ def cifar_python_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def finished_run(image_folder, tmp_path_factory):
     """One real training on tiny data into its own store, read by many tests."""
-    store = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    folder = tmp_path_factory.mktemp("store")
+    store = f"sqlite:///{folder / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
         mp.setenv("MLFLOW_TRACKING_URI", store)
         mp.setenv("CIFAR_EXPERIMENTS_CACHE", str(tmp_path_factory.mktemp("cache")))
         mlflow.set_tracking_uri(store)

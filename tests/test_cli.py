@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import CLASSES, encode, synthetic_images
+from helpers import CLASSES, encode, free_port, synthetic_images
 
 import cifar_experiments
 from cifar_experiments import checkpoint, engine, interrupts
@@ -323,9 +322,7 @@ def test_resume_inside_a_new_mlflow_run_points_to_run_id(killed_run, monkeypatch
 
 
 def test_unreachable_tracking_server_is_a_clear_error_before_any_work(image_folder, monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
     result = CliRunner().invoke(cli, ["train", "--data", str(image_folder)])

@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, TEST_PER_CLASS, TRAIN_PER_CLASS, encode, synthetic_images
+from helpers import CLASSES, TEST_PER_CLASS, TRAIN_PER_CLASS, encode, synthetic_images
 
 from cifar_experiments import data
 

@@ -18,35 +18,6 @@ def test_tutorial_net_is_the_tutorial_layer_for_layer():
     assert net(torch.zeros(5, 3, 32, 32)).shape == (5, 10)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("channels", [3, 6, 16])
-def test_max_pool_equals_pytorch_in_value_and_gradient(dtype, channels, monkeypatch):
-    # Quarter steps make ties common, so the gradient must pick the winner PyTorch picks.
-    x = (torch.randn(4, channels, 12, 10) * 4).round().div(4).to(dtype)
-    x = x.contiguous(memory_format=torch.channels_last)
-    fast_path = []
-    apply = models._PairwiseMaxPool.apply
-    monkeypatch.setattr(models._PairwiseMaxPool, "apply", lambda t: fast_path.append(1) or apply(t))
-    ours, theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    out = models.MaxPool2x2()(ours)
-    expected = torch.nn.functional.max_pool2d(theirs, 2)
-    grad = torch.randn_like(expected)
-    out.backward(grad)
-    expected.backward(grad)
-
-    assert bool(fast_path) == (channels <= models.MaxPool2x2.max_channels)
-    assert torch.equal(out, expected)
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(ours.grad, theirs.grad)
-
-
-def test_max_pool_falls_back_where_the_fast_path_does_not_apply():
-    pool = models.MaxPool2x2()
-    channels_last_odd = torch.randn(2, 6, 7, 9).to(memory_format=torch.channels_last)
-    for x in (torch.randn(2, 6, 8, 8), channels_last_odd):
-        assert torch.equal(pool(x), torch.nn.functional.max_pool2d(x, 2))
-
-
 def test_unknown_model_names_the_choices():
     with pytest.raises(ValueError, match="tutorial"):
         models.build_model("resnet9000")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import CLASSES, encode, synthetic_images
+from helpers import CLASSES, encode, synthetic_images
 
 from cifar_experiments.cli import cli
 

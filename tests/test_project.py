@@ -2,38 +2,39 @@
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import re
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
+from helpers import ROOT, local_env
 
 from cifar_experiments.cli import train
 from cifar_experiments.config import RECIPES, TrainConfig
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def entry_point(name: str = "main") -> dict:
     return yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][name]
 
 
-def test_mlproject_parameters_are_the_cli_options_with_the_same_defaults():
+def test_mlproject_declares_the_config_options_with_their_defaults():
+    """MLproject is written by hand; the CLI's options are made from the config's fields."""
     parameters = entry_point()["parameters"]
-    options = {p.name: p for p in train.params if not p.name.startswith("no_")}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     # Recipe options are not declared (`mlflow run` hands them on all the same), so a run
     # logs the recipe's values instead of placeholders.
-    assert set(parameters) == set(options) - set(RECIPES["tutorial"])
+    assert set(parameters) == {*fields, "resume"} - set(RECIPES["tutorial"])
+    assert {p.name for p in train.params} >= set(parameters)
     for name, spec in parameters.items():
+        assert f"--{name.replace('_', '-')} {{{name}}}" in entry_point()["command"], name
         if name == "resume":
             assert spec["default"] == ""
             continue
-        default = TrainConfig.__dataclass_fields__[name].default
+        default = fields[name].default
         expected = (
             ""
             if default is None
@@ -42,7 +43,6 @@ def test_mlproject_parameters_are_the_cli_options_with_the_same_defaults():
             else default
         )
         assert spec["default"] == expected, name
-        assert f"--{name.replace('_', '-')} {{{name}}}" in entry_point()["command"], name
 
 
 def test_register_entry_point_passes_its_parameters_to_the_register_command():
@@ -70,16 +70,10 @@ def test_ci_runs_the_readme_test_command():
     assert "pytest" in test_command and test_command in readme
 
 
-def project_env(tracking_store: str) -> dict[str, str]:
-    """`mlflow run --env-manager local` starts `python`: make it this interpreter."""
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    return {**os.environ, "MLFLOW_TRACKING_URI": tracking_store, "PATH": path}
-
-
 @pytest.mark.slow
 def test_mlflow_run_trains_into_the_run_it_made(image_folder, tracking_store, tmp_path):
     """End to end, as a user types it; lr spelt differently from how we would log it."""
-    env = project_env(tracking_store)
+    env = local_env(MLFLOW_TRACKING_URI=tracking_store)
     command = [
         sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
         "--experiment-name", "project", "-P", "epochs=1", "-P", "lr=2e-2",
@@ -105,7 +99,7 @@ def test_mlflow_run_trains_into_the_run_it_made(image_folder, tracking_store, tm
 
 @pytest.mark.slow
 def test_mlflow_run_with_a_bad_value_fails_its_run_with_the_message(tracking_store, tmp_path):
-    env = project_env(tracking_store)
+    env = local_env(MLFLOW_TRACKING_URI=tracking_store)
     command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
                "-P", "epochs=0"]  # fmt: skip
     done = subprocess.run(

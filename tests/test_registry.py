@@ -95,3 +95,47 @@ def test_register_command_without_a_finished_training_says_so(experiment):
     result = CliRunner().invoke(cli, ["register", "--experiment", experiment])
     assert result.exit_code == 1
     assert experiment in result.output and "Traceback" not in result.output
+
+
+def test_a_registration_that_fails_after_training_is_one_line_and_register_retries(
+    image_folder, monkeypatch
+):
+    from mlflow.exceptions import MlflowException
+
+    from cifar_experiments import registry
+
+    register_run = registry.register_run
+
+    def server_down(run_id, name):
+        raise MlflowException("API request to the registry failed with 503")
+
+    monkeypatch.setattr(registry, "register_run", server_down)
+    result = CliRunner().invoke(
+        cli, ["train", "--data", str(image_folder), "--epochs", "1", "--model-name", NAME]
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FINISHED"  # the training did finish
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("Error: Registering the model failed: API request")
+    retry = f"cifar-experiments register --run-id {run.info.run_id} --model-name {NAME}"
+    assert error.endswith(f"Retry with: {retry}")
+
+    monkeypatch.setattr(registry, "register_run", register_run)
+    again = CliRunner().invoke(cli, retry.split()[1:])
+    assert again.exit_code == 0, again.output
+    assert "version 1; champion -> version 1" in again.output
+    assert champion().run_id == run.info.run_id
+
+
+def test_a_registry_error_is_not_taken_for_a_first_registration(monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    from cifar_experiments import registry
+
+    class BrokenClient:
+        def search_model_versions(self, query):
+            raise MlflowException("the registry's database is down")
+
+    with pytest.raises(MlflowException, match="database is down"):
+        registry._version_of_run(BrokenClient(), NAME, "0" * 32)

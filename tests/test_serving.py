@@ -2,65 +2,26 @@
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
-from conftest import CLASSES, encode, synthetic_images
+from helpers import (
+    JPEG,
+    PNG,
+    ROOT,
+    assert_labels,
+    b64,
+    free_port,
+    local_env,
+    post,
+    running,
+    serve,
+)  # fmt: skip
 from PIL import Image
 
 from cifar_experiments import serving
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def local_env(**extra: str) -> dict[str, str]:
-    """This interpreter first on PATH: `--env-manager local` starts plain `python`."""
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    return {**os.environ, "PATH": path, **extra}
-
-
-@contextlib.contextmanager
-def running(command: list[str], env: dict[str, str], health_url: str, log_path: Path):
-    """Start a server process, wait (at most 90 s) until `health_url` answers, stop it after."""
-    with log_path.open("w") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    urllib.request.urlopen(health_url, timeout=2)
-                    break
-                except OSError:
-                    assert process.poll() is None, log_path.read_text()[-3000:]
-                    assert time.monotonic() < deadline, "no answer within 90 s"
-                    time.sleep(0.5)
-            yield
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
-
-
-def serve(model_uri: str, tracking_uri: str, log_path: Path):
-    port = free_port()
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
-               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    env = local_env(MLFLOW_TRACKING_URI=tracking_uri)
-    return url, running(command, env, f"{url}/ping", log_path)
 
 
 @pytest.fixture(scope="module")
@@ -71,34 +32,6 @@ def server(finished_run, tmp_path_factory):
     url, process = serve("models:/cifar10-classifier@champion", client.tracking_uri, log)
     with process:
         yield url
-
-
-def post(url: str, body: bytes | dict) -> tuple[int, object]:
-    payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(
-        f"{url}/invocations", data=payload, headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-def b64(content: bytes) -> str:
-    return base64.b64encode(content).decode()
-
-
-IMAGES = synthetic_images(2, 0, 7)
-PNG, JPEG = encode(IMAGES[0], "PNG"), encode(IMAGES[1], "JPEG")
-
-
-def assert_labels(answer: object, count: int) -> None:
-    rows = answer["predictions"]
-    assert len(rows) == count
-    for row in rows:
-        assert row["label"] in CLASSES and row["label"] == CLASSES[row["class_index"]]
-        assert sum(row[f"prob_{c}"] for c in CLASSES) == pytest.approx(1.0, abs=1e-6)
 
 
 @pytest.mark.slow
@@ -167,11 +100,10 @@ def test_train_register_and_serve_through_a_tracking_server(image_folder, tmp_pa
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
                str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                "--artifacts-destination", str(tmp_path / "artifacts")]  # fmt: skip
-    root = Path(__file__).resolve().parents[1]
     env = local_env(MLFLOW_TRACKING_URI=tracking_uri)
     with running(command, local_env(), f"{tracking_uri}/health", tmp_path / "tracking.log"):
         done = subprocess.run(
-            [sys.executable, "-m", "mlflow", "run", str(root), "--env-manager", "local",
+            [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
              "-P", "epochs=1", "-P", "batch_size=8", "-P", f"data={image_folder}"],
             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
         )  # fmt: skip

@@ -17,13 +17,12 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import CLASSES, encode, synthetic_images
+from helpers import ROOT, local_env, write_image_folder
 
 from cifar_experiments import checkpoint
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 EPOCHS = 5
 # Small batches make each epoch last long enough (about a second) to be interrupted in.
 OPTIONS = ["--epochs", str(EPOCHS), "--batch-size", "2", "--log-every", "1", "--seed", "3"]
@@ -33,27 +32,18 @@ LIMIT = 240  # seconds any one process may take
 
 @pytest.fixture(scope="module")
 def data_folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("reliability-data")
-    for split, count in (("train", 100), ("test", 10)):
-        for label, name in enumerate(CLASSES):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i, image in enumerate(synthetic_images(count, label, seed=label + 10 * count)):
-                (folder / f"{i:04d}.png").write_bytes(encode(image, "PNG"))
-    return root
+    folder = tmp_path_factory.mktemp("reliability-data")
+    return write_image_folder(folder, {"train": 100, "test": 10})
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> dict[str, str]:
     """One SQLite store and decode cache for the module's processes, and their environment."""
     root = tmp_path_factory.mktemp("reliability-store")
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    return {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-        "CIFAR_EXPERIMENTS_CACHE": str(root / "cache"),
-        "PATH": path,
-    }
+    return local_env(
+        MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
+        CIFAR_EXPERIMENTS_CACHE=str(root / "cache"),
+    )
 
 
 def client(env: dict[str, str]) -> mlflow.MlflowClient:
@@ -186,7 +176,7 @@ def test_interrupted_run_is_killed_checkpointed_and_resumes_to_the_twins_result(
         resume = f"mlflow run {ROOT} --run-id {run_id} -P resume={run_id} --env-manager local"
     assert f"Resume it with:\n  {resume}" in err
     saved = checkpoint.load(Path(run.data.tags["checkpoint"]))
-    assert 0 < saved["progress"]["global_step"] < EPOCHS * 135
+    assert 0 < saved["training"]["progress"]["global_step"] < EPOCHS * 135
     logged = {f.path for f in client(store).list_artifacts(run_id, "checkpoint")}
     assert logged == {f"checkpoint/{run_id}.pt"}
 
@@ -252,13 +242,11 @@ PARALLEL_EPOCHS, PARALLEL_STEPS_PER_EPOCH = 3, 270 // 8
 def test_three_parallel_trainings_all_finish_with_every_metric_and_the_best_is_champion(
     data_folder, tmp_path
 ):
-    env = {
-        **os.environ,
+    env = local_env(
         # A store none of them has created yet: they race to create its tables too.
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "CIFAR_EXPERIMENTS_CACHE": str(tmp_path / "cache"),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        CIFAR_EXPERIMENTS_CACHE=str(tmp_path / "cache"),
+    )
     processes = [
         start(cli("--data", str(data_folder), "--epochs", str(PARALLEL_EPOCHS), "--batch-size", "8",
                   "--log-every", "1", "--lr", lr, "--run-name", f"lr={lr}",

@@ -1,0 +1,138 @@
+"""What plugs into the training loop's moments (`engine.Callback`).
+
+`Tracker` is the callback that records a run (this one records nothing;
+tracking.MlflowTracker records into MLflow); `ProgressBar` shows training going;
+`Checkpointing` saves it and stops it cleanly when asked. None of them imports MLflow.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from tqdm import tqdm
+
+from .engine import Callback, TrainingState
+from .interrupts import Interrupted
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from torch import nn
+
+    from .checkpoint import CheckpointFile
+    from .data import Dataset
+    from .evaluation import Evaluation
+    from .interrupts import StopRequests
+
+log = logging.getLogger(__name__)
+
+
+class Tracker(Callback):
+    """Records a run: the loop's curves through the moments above, and the rest through the
+    methods below, which this base leaves unrecorded (for tests, benchmarks and dry runs)."""
+
+    run_id: str | None = None
+
+    def on_step_end(self, state: TrainingState, metrics: dict[str, float]) -> None:
+        if metrics:
+            self.log_metrics(metrics, step=state.global_step)
+
+    def on_epoch_end(self, state: TrainingState, epoch: int, metrics: dict[str, float]) -> None:
+        self.log_metrics(metrics, step=epoch)
+
+    def on_train_end(self, state: TrainingState) -> None:
+        self.flush()
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        """Make every metric logged so far durable."""
+
+    def log_dataset(self, dataset: Dataset) -> None:
+        pass
+
+    def log_evaluation(self, split: str, evaluation: Evaluation) -> None:
+        pass
+
+    def log_figure(self, figure: Figure, path: str) -> None:
+        from matplotlib import pyplot as plt
+
+        plt.close(figure)
+
+    def log_model(self, net: nn.Module, settings: dict[str, Any], example_png: bytes) -> None:
+        """The network as a servable model; `settings` is what serving needs besides weights."""
+
+    def set_description(self, markdown: str) -> None:
+        pass
+
+
+class ProgressBar(Callback):
+    """A bar per epoch (on a terminal) and a line of figures after each."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def on_train_start(self, state: TrainingState) -> None:
+        if state.global_step:
+            log.info("Resuming at epoch %d, step %d", state.epoch, state.global_step)
+
+    def on_step_end(self, state: TrainingState, metrics: dict[str, float]) -> None:
+        if self.bar is None:
+            self.bar = tqdm(
+                total=state.steps_per_epoch, initial=state.step_in_epoch - 1, unit="step",
+                desc=f"epoch {state.epoch}/{state.config.epochs}", leave=False, disable=None,
+            )  # fmt: skip
+        self.bar.update()
+        if metrics:
+            self.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+
+    def on_epoch_end(self, state: TrainingState, epoch: int, metrics: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        log.info(
+            "epoch %d/%d  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%  lr %.4g"
+            "  %.1f s  (%.0f img/s)",
+            epoch, state.config.epochs, metrics["train/epoch_loss"],
+            100 * metrics["train/accuracy"], metrics["val/loss"], 100 * metrics["val/accuracy"],
+            metrics["train/lr"], metrics["train/epoch_seconds"],
+            metrics["train/images_per_second"],
+        )  # fmt: skip
+
+
+class Checkpointing(Callback):
+    """Saves the whole training state after every epoch and, when `stop` has a signal
+    pending (Ctrl-C, SIGTERM), between two steps; then raises Interrupted.
+
+    Before each save the tracker flushes, so that the curves on record always reach as far as
+    the checkpoint: a run resumed from it after a kill -9 then has no gap.
+    """
+
+    def __init__(
+        self, file: CheckpointFile, tracker: Tracker, stop: StopRequests | None = None
+    ) -> None:
+        self.file, self.tracker, self.stop = file, tracker, stop
+
+    def on_step_end(self, state: TrainingState, metrics: dict[str, float]) -> None:
+        # At an epoch's last step the stop waits for its validation and checkpoint.
+        if state.step_in_epoch < state.steps_per_epoch:
+            self._stop_if_asked(state)
+
+    def on_epoch_end(self, state: TrainingState, epoch: int, metrics: dict[str, float]) -> None:
+        self._save(state)
+        self._stop_if_asked(state, saved=True)
+
+    def _stop_if_asked(self, state: TrainingState, saved: bool = False) -> None:
+        if self.stop is None or self.stop.pending is None:
+            return
+        if not saved:
+            self._save(state)
+        raise Interrupted(self.stop.pending, checkpointed=True)
+
+    def _save(self, state: TrainingState) -> None:
+        self.tracker.flush()
+        self.file.save(state.state_dict())

@@ -1,0 +1,77 @@
+"""The MLflow tracker: what it writes, when, and how a run always ends."""
+
+import contextlib
+
+import mlflow
+import pytest
+
+from cifar_experiments import tracking
+from cifar_experiments.config import TrainConfig
+from cifar_experiments.interrupts import Interrupted
+
+
+def history(run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in mlflow.MlflowClient().get_metric_history(run_id, key)]
+
+
+def test_metrics_wait_for_a_flush_and_then_all_arrive(monkeypatch):
+    monkeypatch.setattr(tracking.MlflowTracker, "FLUSH_SECONDS", 3600)
+    with tracking.mlflow_run(TrainConfig(experiment_name="t")) as tracker:
+        for step in range(1, 1201):  # more than one batch of MLflow's 1000
+            tracker.log_metrics({"train/loss": 1 / step}, step=step)
+        assert history(tracker.run_id, "train/loss") == []
+        tracker.flush()
+        assert [s for s, _ in history(tracker.run_id, "train/loss")] == list(range(1, 1201))
+
+
+def test_a_resumed_run_keeps_each_step_once(monkeypatch):
+    with tracking.mlflow_run(TrainConfig(experiment_name="t")) as first:
+        first.log_metrics({"val/accuracy": 0.5}, step=1)
+        first.log_metrics({"val/accuracy": 0.6}, step=2)
+    with tracking.mlflow_run(TrainConfig(experiment_name="t"), first.run_id) as again:
+        for step, value in ((2, 0.6), (3, 0.7)):  # step 2 replayed from the checkpoint
+            again.log_metrics({"val/accuracy": value}, step=step)
+    assert history(first.run_id, "val/accuracy") == [(1, 0.5), (2, 0.6), (3, 0.7)]
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "tag"),
+    [
+        (None, "FINISHED", None),
+        (Interrupted(2), "KILLED", "interrupted by SIGINT"),
+        (RuntimeError("out of memory"), "FAILED", "RuntimeError: out of memory"),
+    ],
+)
+def test_a_run_always_ends_with_its_status_and_reason(tmp_path, error, status, tag):
+    saved = tmp_path / "state.pt"
+    saved.write_bytes(b"checkpoint")
+    expected = pytest.raises(type(error)) if error else contextlib.nullcontext()
+    with expected, tracking.mlflow_run(TrainConfig(experiment_name="t")) as tracker:
+        tracker.record_checkpoint(saved)
+        if error:
+            raise error
+    run = mlflow.MlflowClient().get_run(tracker.run_id)
+    assert run.info.status == status
+    assert run.data.tags.get(tracking.ERROR_TAG) == tag
+    assert run.data.tags[tracking.CHECKPOINT_TAG] == str(saved)
+    assert tracking.download_checkpoint(tracker.run_id, tmp_path / "back").read_bytes() == (
+        b"checkpoint"
+    )
+
+
+def test_params_already_logged_by_mlflow_run_are_kept_as_typed():
+    with tracking.mlflow_run(TrainConfig(experiment_name="t")) as tracker:
+        mlflow.log_param("lr", "2e-2")  # as `mlflow run -P lr=2e-2` logs it
+        tracker.log_params({"lr": 0.02, "epochs": 3})
+    params = mlflow.MlflowClient().get_run(tracker.run_id).data.params
+    assert params == {"lr": "2e-2", "epochs": "3"}
+
+
+def test_finding_runs_and_the_store(tmp_path, monkeypatch):
+    with pytest.raises(tracking.TrackingError, match="no run 0000"):
+        tracking.find_run("0" * 32)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri("sqlite:///relative.db")
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'relative.db'}"
+    tracking.check_store()  # creates the store's tables, under its lock
+    assert (tmp_path / "relative.db").is_file()
