@@ -55,6 +55,7 @@ def cli() -> None:
 
 
 _RECIPE_FIELDS = frozenset(next(iter(RECIPES.values())))
+_FROM_RECIPE = "  [default: the model's recipe]"
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING, bool: click.BOOL}
 
 
@@ -75,31 +76,44 @@ class _OrEmpty(click.ParamType):
 
 
 def _config_options(command: Callable) -> Callable:
-    """One option per TrainConfig field, in the field's order, made from its type, default,
-    help and choices. A bool is a switch, `--name/--no-name` for people and `--name true|false`
-    for MLproject parameters; a field that may be None also takes "" for "not given"."""
-    hints = typing.get_type_hints(TrainConfig)
+    """One option per TrainConfig field, in the field's order, with its default, help and
+    choices. A bool is a switch: `--name/--no-name` for people, `--name true|false` for
+    MLproject parameters."""
     for config_field in reversed(dataclasses.fields(TrainConfig)):
         name, meta = config_field.name, config_field.metadata
-        flag = "--" + name.replace("_", "-")
-        kinds = [t for t in typing.get_args(hints[name]) or (hints[name],) if t is not type(None)]
-        kind = click.Choice(meta["choices"]) if meta["choices"] else _CLICK_TYPES[kinds[0]]
-        if type(None) in typing.get_args(hints[name]) or kinds[0] is bool:
-            kind = _OrEmpty(kind)
-        if kinds[0] is bool:
+        switch = _value_type(name) is bool
+        if switch:
             command = _with_no_flag(name, command)
         command = click.option(
-            flag,
+            _flag(name),
             name,
-            type=kind,
+            type=_click_type(name),
             default=config_field.default,
             show_default=config_field.default is not None,
             metavar=meta["metavar"],
-            help=meta["help"]
-            + ("  [default: the model's recipe]" if name in _RECIPE_FIELDS else ""),
-            **({"is_flag": False, "flag_value": True} if kinds[0] is bool else {}),
+            help=meta["help"] + (_FROM_RECIPE if name in _RECIPE_FIELDS else ""),
+            **({"is_flag": False, "flag_value": True} if switch else {}),
         )(command)
     return command
+
+
+def _flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _value_type(name: str) -> type:
+    """A field's type, without the None that stands for "the recipe's" or "not given"."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    return next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
+
+
+def _click_type(name: str) -> click.ParamType:
+    """Click's type for a field: its choices, or its value type; one that may be None (and
+    any bool, as MLproject passes them) also takes "" for "not given"."""
+    choices = TrainConfig.__dataclass_fields__[name].metadata["choices"]
+    kind = click.Choice(choices) if choices else _CLICK_TYPES[_value_type(name)]
+    optional = type(None) in typing.get_args(typing.get_type_hints(TrainConfig)[name])
+    return _OrEmpty(kind) if optional or _value_type(name) is bool else kind
 
 
 def _with_no_flag(name: str, command: Callable) -> Callable:
@@ -111,9 +125,8 @@ def _with_no_flag(name: str, command: Callable) -> Callable:
             options[name] = False
         return command(**options)
 
-    flag = "--no-" + name.replace("_", "-")
-    same = "--" + name.replace("_", "-")
-    return click.option(flag, f"no_{name}", is_flag=True, help=f"Same as {same} false.")(merged)
+    same = f"Same as {_flag(name)} false."
+    return click.option(_flag(f"no_{name}"), f"no_{name}", is_flag=True, help=same)(merged)
 
 
 def _recipes_epilog() -> str:
@@ -357,7 +370,7 @@ def _echo_registration(registration: registry.Registration) -> None:
 
 
 def _hint(field_name: str) -> str:
-    return "'--" + field_name.replace("_", "-") + "'"
+    return f"'{_flag(field_name)}'"
 
 
 def main() -> None:
