@@ -1,6 +1,12 @@
 import pytest
 
-from cifar_experiments.config import RECIPES, ConfigError, TrainConfig
+from cifar_experiments.config import (
+    AIRBENCH94_SGD,
+    CUDA_RECIPES,
+    RECIPES,
+    ConfigError,
+    TrainConfig,
+)
 
 
 def test_defaults_are_valid():
@@ -71,3 +77,20 @@ def test_nesterov_needs_momentum():
     with pytest.raises(ConfigError) as raised:
         TrainConfig(momentum=0.0, nesterov=True)
     assert raised.value.field == "nesterov"
+
+
+@pytest.mark.parametrize("batch_size", [256, 512, 1024])
+def test_airbench_published_sgd_becomes_the_same_steps_in_pytorch_terms(batch_size):
+    published = AIRBENCH94_SGD
+    ours = published.in_pytorch_terms(batch_size)
+    # airbench94.py sums the loss over the batch, divides its learning rate by
+    # 1024 * (1 + 1 / (1 - momentum)) and decays weights by that share of `weight_decay` per
+    # batch, decoupled from the rate.
+    kilostep_scale = 1024 * (1 + 1 / (1 - published.momentum))
+    lr_for_a_summed_loss = published.lr / kilostep_scale
+    decay_per_step = published.weight_decay * batch_size / kilostep_scale
+    # A mean loss's gradient is the summed loss's divided by the batch size.
+    assert ours["lr"] == pytest.approx(lr_for_a_summed_loss * batch_size, rel=1e-11)
+    assert ours["lr"] * ours["weight_decay"] == pytest.approx(decay_per_step, rel=1e-11)
+    assert (ours["batch_size"], ours["momentum"]) == (batch_size, published.momentum)
+    assert CUDA_RECIPES["airbench"] == published.in_pytorch_terms(published.batch_size)
