@@ -22,13 +22,12 @@ from dataclasses import replace
 from gpu import held_out
 
 from cifar_experiments import data, engine
-from cifar_experiments.callbacks import Callback
 from cifar_experiments.config import AIRBENCH94_SGD, TrainConfig
 
 DEV_IMAGES = 5000
 
 
-class LastEpochScorer(Callback):
+class LastEpochScorer(engine.Callback):
     """Scores the network on the dev split as its last epoch ends."""
 
     def __init__(self, dev: data.ImageSet) -> None:

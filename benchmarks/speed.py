@@ -34,7 +34,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 from cifar_experiments import data, engine, experiment, models, speedups, tracking
-from cifar_experiments.callbacks import Callback, Tracker
+from cifar_experiments.callbacks import Tracker
 from cifar_experiments.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +100,7 @@ class Timing:
     other_threads: float
 
 
-class Stopwatch(Callback):
+class Stopwatch(engine.Callback):
     """Hands every moment on to `tracker` and adds up the time training waits for it."""
 
     def __init__(self, tracker: Tracker) -> None:

@@ -71,10 +71,17 @@ class Tracker(Callback):
 
 
 class ProgressBar(Callback):
-    """A bar per epoch (on a terminal) and a line of figures after each."""
+    """A bar per epoch (on a terminal) and a line of figures after each. As a context, it
+    closes the bar of an epoch that does not end (an interruption, an error)."""
 
     def __init__(self) -> None:
         self.bar: tqdm | None = None
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        self._close()
 
     def on_train_start(self, state: TrainingState) -> None:
         if state.global_step:
@@ -91,9 +98,7 @@ class ProgressBar(Callback):
             self.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
 
     def on_epoch_end(self, state: TrainingState, epoch: int, metrics: dict[str, float]) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        self._close()
         log.info(
             "epoch %d/%d  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%  lr %.4g"
             "  %.1f s  (%.0f img/s)",
@@ -102,6 +107,11 @@ class ProgressBar(Callback):
             metrics["train/lr"], metrics["train/epoch_seconds"],
             metrics["train/images_per_second"],
         )  # fmt: skip
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class Checkpointing(Callback):

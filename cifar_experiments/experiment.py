@@ -17,7 +17,7 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from . import checkpoint, data, engine, models, registry, serving, speedups, tracking
-from .callbacks import Callback, Checkpointing, ProgressBar, Tracker
+from .callbacks import Checkpointing, ProgressBar, Tracker
 from .config import TrainConfig, field_default
 from .evaluation import Evaluation, curves_figure
 from .interrupts import Interrupted, StopRequests
@@ -165,10 +165,12 @@ def run(
         tracker.log_dataset(dataset)
     else:
         state.load_state_dict(resumption.state["training"])
-    callbacks: list[Callback] = [tracker, ProgressBar()]
+    progress = ProgressBar()
+    callbacks: list[engine.Callback] = [tracker, progress]
     if checkpoints is not None:
         callbacks.append(Checkpointing(checkpoints, tracker, stop))
-    with stop.deferred() if stop is not None else contextlib.nullcontext():
+    deferred = stop.deferred() if stop is not None else contextlib.nullcontext()
+    with deferred, progress:
         fit = engine.fit(state, prepared.val, callbacks)
     tracker.log_metrics({tracking.BEST_VAL_METRIC: fit.kept_val.accuracy}, step=fit.kept_epoch)
     tracker.log_evaluation("val", fit.kept_val)

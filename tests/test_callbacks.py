@@ -106,3 +106,12 @@ def test_the_progress_bar_says_each_epoch_and_a_resumption(state, caplog):
     state.global_step, state.epoch = 3, 2
     ProgressBar().on_train_start(state)
     assert caplog.records[0].getMessage() == "Resuming at epoch 2, step 3"
+
+
+def test_the_bar_of_an_epoch_that_does_not_end_is_closed(state):
+    with pytest.raises(Interrupted), ProgressBar() as progress:
+        state.step_in_epoch = 1
+        progress.on_step_end(state, {})
+        assert progress.bar is not None
+        raise Interrupted(signal.SIGINT)
+    assert progress.bar is None

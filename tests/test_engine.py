@@ -8,7 +8,7 @@ import torch
 from helpers import RecordingTracker, tiny_set
 
 from cifar_experiments import checkpoint, engine, models
-from cifar_experiments.callbacks import Callback, Checkpointing
+from cifar_experiments.callbacks import Checkpointing
 from cifar_experiments.checkpoint import CheckpointFile
 from cifar_experiments.config import TrainConfig
 from cifar_experiments.interrupts import Interrupted, StopRequests
@@ -23,7 +23,7 @@ def train(config: TrainConfig, train_per_class: int = 8, callbacks=(), runtime=C
     return state, engine.fit(state, tiny_set(4, 50), callbacks)
 
 
-class AtEachEpoch(Callback):
+class AtEachEpoch(engine.Callback):
     """Calls `see(state, epoch)` at every epoch's end."""
 
     def __init__(self, see):
@@ -85,7 +85,7 @@ def test_keep_epoch_chooses_whose_weights_the_model_ends_with(monkeypatch, keep_
 
 
 def test_an_epoch_end_callback_can_stop_training_there():
-    class StopAfterSecondEpoch(Callback):
+    class StopAfterSecondEpoch(engine.Callback):
         def on_epoch_end(self, state, epoch, metrics):
             return epoch == 2
 
