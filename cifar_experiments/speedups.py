@@ -20,6 +20,9 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 DISABLE_ENV = "CIFAR_EXPERIMENTS_DISABLE"
+# What each does, and what it saved where it was first measured. speed.py times each on the
+# machine at hand: on two AMD EPYCs (one with AVX-512, one with AVX2 only) none made training
+# slower, and each paid on at least one of them (benchmarks/README.md).
 SPEEDUPS = {
     "channels_last": "convolutions in channels-last memory, as oneDNN's CPU kernels and "
     "cuDNN prefer (a fifth off the tutorial Net's CPU epoch)",
