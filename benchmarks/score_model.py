@@ -15,7 +15,8 @@ import mlflow
 import pandas as pd
 
 
-def main(model_uri: str, folder: str) -> None:
+def accuracy(model_uri: str, folder: str) -> tuple[int, int, float]:
+    """Images labelled correctly, images, and seconds taken to label them."""
     files = sorted(p for p in Path(folder).glob("*/*") if p.is_file())
     truth = [p.parent.name for p in files]
     model = mlflow.pyfunc.load_model(model_uri)
@@ -26,9 +27,14 @@ def main(model_uri: str, folder: str) -> None:
     ].tolist()
     seconds = time.perf_counter() - started
     correct = sum(label == true for label, true in zip(labels, truth, strict=True))
+    return correct, len(files), seconds
+
+
+def main(model_uri: str, folder: str) -> None:
+    correct, total, seconds = accuracy(model_uri, folder)
     print(
-        f"{model_uri}: {correct}/{len(files)} correct = {correct / len(files):.2%} "
-        f"({1000 * seconds / len(files):.2f} ms per image)"
+        f"{model_uri}: {correct}/{total} correct = {correct / total:.2%} "
+        f"({1000 * seconds / total:.2f} ms per image)"
     )
 
 

@@ -2,12 +2,14 @@
 
 `Tracker` is the callback that records a run (this one records nothing;
 tracking.MlflowTracker records into MLflow); `ProgressBar` shows training going;
-`Checkpointing` saves it and stops it cleanly when asked. None of them imports MLflow.
+`Checkpointing` saves it and stops it cleanly when asked; `StopOnDivergence` fails
+it once its loss is no longer a number. None of them imports MLflow.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
@@ -74,8 +76,10 @@ class ProgressBar(Callback):
     """A bar per epoch (on a terminal) and a line of figures after each. As a context, it
     closes the bar of an epoch that does not end (an interruption, an error)."""
 
-    def __init__(self) -> None:
+    def __init__(self, bars: bool = True) -> None:
+        # Without bars (several processes sharing a terminal), only the line after each epoch.
         self.bar: tqdm | None = None
+        self.bars = bars
 
     def __enter__(self) -> ProgressBar:
         return self
@@ -91,7 +95,8 @@ class ProgressBar(Callback):
         if self.bar is None:
             self.bar = tqdm(
                 total=state.steps_per_epoch, initial=state.step_in_epoch - 1, unit="step",
-                desc=f"epoch {state.epoch}/{state.config.epochs}", leave=False, disable=None,
+                desc=f"epoch {state.epoch}/{state.config.epochs}", leave=False,
+                disable=None if self.bars else True,
             )  # fmt: skip
         self.bar.update()
         if metrics:
@@ -112,6 +117,23 @@ class ProgressBar(Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class TrainingDiverged(ArithmeticError):
+    """The training loss is no longer a finite number."""
+
+
+class StopOnDivergence(Callback):
+    """Fails training once an epoch's training loss is NaN or infinite: the epochs left could
+    not recover, and the run's record should say why it failed."""
+
+    def on_epoch_end(self, state: TrainingState, epoch: int, metrics: dict[str, float]) -> None:
+        loss = metrics["train/epoch_loss"]
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"training diverged: the training loss was {loss} in epoch {epoch} "
+                "(a lower --lr may help)"
+            )
 
 
 class Checkpointing(Callback):

@@ -24,9 +24,11 @@ from .config import (
     CUDA_RECIPES,
     RECIPES,
     ConfigError,
+    SweepConfig,
     TrainConfig,
     field_default,
     field_help,
+    value_type,
 )
 
 
@@ -75,45 +77,45 @@ class _OrEmpty(click.ParamType):
         return self.inner.get_metavar(param, ctx)
 
 
-def _config_options(command: Callable) -> Callable:
-    """One option per TrainConfig field, in the field's order, with its default, help and
-    choices. A bool is a switch: `--name/--no-name` for people, `--name true|false` for
+def _options_of(config_class: type) -> Callable[[Callable], Callable]:
+    """One option per field of `config_class`, in the fields' order, with its default, help
+    and choices. A bool is a switch: `--name/--no-name` for people, `--name true|false` for
     MLproject parameters."""
-    for config_field in reversed(dataclasses.fields(TrainConfig)):
-        name, meta = config_field.name, config_field.metadata
-        switch = _value_type(name) is bool
-        if switch:
-            command = _with_no_flag(name, command)
-        command = click.option(
-            _flag(name),
-            name,
-            type=_click_type(name),
-            default=config_field.default,
-            show_default=config_field.default is not None,
-            metavar=meta["metavar"],
-            help=meta["help"] + (_FROM_RECIPE if name in _RECIPE_FIELDS else ""),
-            **({"is_flag": False, "flag_value": True} if switch else {}),
-        )(command)
-    return command
+
+    def decorate(command: Callable) -> Callable:
+        for config_field in reversed(dataclasses.fields(config_class)):
+            name, meta = config_field.name, config_field.metadata
+            switch = value_type(name, config_class) is bool
+            if switch:
+                command = _with_no_flag(name, command)
+            command = click.option(
+                _flag(name),
+                name,
+                type=_click_type(name, config_class),
+                default=config_field.default,
+                show_default=config_field.default is not None,
+                metavar=meta["metavar"],
+                help=meta["help"] + (_FROM_RECIPE if name in _RECIPE_FIELDS else ""),
+                **({"is_flag": False, "flag_value": True} if switch else {}),
+            )(command)
+        return command
+
+    return decorate
 
 
 def _flag(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def _value_type(name: str) -> type:
-    """A field's type, without the None that stands for "the recipe's" or "not given"."""
-    hint = typing.get_type_hints(TrainConfig)[name]
-    return next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
-
-
-def _click_type(name: str) -> click.ParamType:
+def _click_type(name: str, config_class: type) -> click.ParamType:
     """Click's type for a field: its choices, or its value type; one that may be None (and
     any bool, as MLproject passes them) also takes "" for "not given"."""
-    choices = TrainConfig.__dataclass_fields__[name].metadata["choices"]
-    kind = click.Choice(choices) if choices else _CLICK_TYPES[_value_type(name)]
-    optional = type(None) in typing.get_args(typing.get_type_hints(TrainConfig)[name])
-    return _OrEmpty(kind) if optional or _value_type(name) is bool else kind
+    config_field = config_class.__dataclass_fields__[name]
+    choices = config_field.metadata["choices"]
+    kind = click.Choice(choices) if choices else _CLICK_TYPES[value_type(name, config_class)]
+    hint = typing.get_type_hints(config_class)[name]
+    optional = type(None) in typing.get_args(hint)
+    return _OrEmpty(kind) if optional or value_type(name, config_class) is bool else kind
 
 
 def _with_no_flag(name: str, command: Callable) -> Callable:
@@ -156,7 +158,7 @@ def _recipes_epilog() -> str:
     "their defaults take the run's values; others must match, but --data may move and "
     "--device may change).",
 )
-@_config_options
+@_options_of(TrainConfig)
 def train(resume: str | None, **options: Any) -> None:
     """Train a classifier and record everything in MLflow.
 
@@ -165,6 +167,7 @@ def train(resume: str | None, **options: Any) -> None:
     prints the command that resumes it.
     """
     from . import experiment, interrupts
+    from .callbacks import TrainingDiverged
     from .checkpoint import CheckpointError
 
     # MLflow clears this variable once it has taken up the run, so note it first.
@@ -175,7 +178,8 @@ def train(resume: str | None, **options: Any) -> None:
             if prepared is None:
                 return
             summary = experiment.train(prepared, stop)
-        except CheckpointError as error:  # a disk that filled up during training
+        # A disk that filled up during training, or a loss that became NaN.
+        except (CheckpointError, TrainingDiverged) as error:
             raise click.ClickException(f"{error}; the run is marked FAILED") from None
         except interrupts.Interrupted as interruption:
             click.echo(_interrupted_message(interruption, under_mlflow_run), err=True)
@@ -284,6 +288,115 @@ def _echo_summary(summary: Any) -> None:
     click.echo(
         f"Run {summary.run_id} finished: {result} (epoch {summary.kept_epoch} kept, validation "
         f"{summary.val_accuracy:.2%}). Browse it: mlflow ui --backend-store-uri "
+        f"{tracking.tracking_uri()}"
+    )
+
+
+@cli.command(
+    # `mlflow run` hands on parameters it does not declare as `--batch_size 256`.
+    context_settings={"token_normalize_func": lambda name: name.replace("_", "-")},
+)
+@_options_of(SweepConfig)
+@_options_of(TrainConfig)
+def sweep(**options: Any) -> None:
+    """Search training options with Optuna: one parent MLflow run per study, a child run per
+    trial, and the best trial's model registered when the sweep ends.
+
+    Training options given here are fixed for every trial; those in the space (--space, or the
+    model's default space) are searched. Run the same command again, here or on another
+    machine sharing --storage and the tracking server, to continue the study. Ctrl-C stops
+    every worker after its current step.
+    """
+    from . import interrupts, registry, search_space, tracking
+    from . import sweep as sweeping
+    from .data import DataError, load_dataset
+    from .engine import DeviceUnavailable, Runtime
+
+    under_mlflow_run = "MLFLOW_RUN_ID" in os.environ  # sweep.plan takes it out
+    context = click.get_current_context()
+    settings = {f.name: options.pop(f.name) for f in dataclasses.fields(SweepConfig)}
+    fixed = {name for name in options if _given(context, name)}
+    try:
+        sweep_config = SweepConfig(**settings)
+        # A recipe may differ by device (CUDA_RECIPES), so "auto" is settled first.
+        base = {**options, "device": Runtime.resolve(options["device"]).device.type}
+        checked = TrainConfig(**base)  # every fixed option, before any trial
+        space = search_space.load(sweep_config.space, checked.model, leave_out=fixed)
+        both = sorted(fixed & set(space))
+        if both:
+            raise click.UsageError(
+                f"{', '.join(map(_flag, both))}: fixed for every trial, and searched by the "
+                "space; give one or the other"
+            )
+        tracking.check_store()
+        load_dataset(checked.data)  # bad data is refused now, and the workers read it decoded
+        plan = sweeping.plan(sweep_config, base, space)
+    except ConfigError as error:
+        raise click.BadParameter(error.message, param_hint=_hint(error.field)) from None
+    except search_space.SpaceError as error:
+        raise click.BadParameter(str(error), param_hint=_hint("space")) from None
+    except DataError as error:
+        raise click.BadParameter(str(error), param_hint=_hint("data")) from None
+    except DeviceUnavailable as error:
+        raise click.BadParameter(str(error), param_hint=_hint("device")) from None
+    except (tracking.TrackingError, sweeping.SweepError) as error:
+        raise click.ClickException(str(error)) from None
+    with interrupts.StopRequests().installed() as stop:
+        try:
+            outcome = sweeping.run(plan, stop)
+        except interrupts.Interrupted as interruption:
+            again = (
+                f"mlflow run {shlex.quote(os.getcwd())} -e sweep --run-id {plan.parent_run_id} "
+                "with the same parameters"
+                if under_mlflow_run
+                else "the same command"
+            )
+            click.echo(
+                f"Stopped by {interruption.signal_name}: sweep {plan.study_name} (parent run "
+                f"{plan.parent_run_id}) stopped; its finished trials are kept. Continue it to "
+                f"{plan.budget} trials with {again}.",
+                err=True,
+            )
+            sys.exit(interruption.exit_code)
+        except sweeping.SweepError as error:
+            raise click.ClickException(str(error)) from None
+    _echo_sweep(outcome, plan.budget)
+    if not options["register"] or outcome.best_run_id is None:
+        return
+    try:
+        _echo_registration(registry.register_run(outcome.best_run_id, options["model_name"]))
+    except Exception as error:  # the registry unreachable, say: the sweep itself is done
+        retry = f"cifar-experiments register --run-id {outcome.best_run_id}"
+        message = getattr(error, "message", None) or str(error)
+        raise click.ClickException(
+            f"Registering the best trial failed: {message}. Retry: {retry}"
+        ) from None
+
+
+def _given(context: click.Context, name: str) -> bool:
+    """Whether option `name` (or its --no- twin) was given rather than left at its default."""
+    sources = (context.get_parameter_source(n) for n in (name, f"no_{name}"))
+    return any(s not in (None, click.core.ParameterSource.DEFAULT) for s in sources)
+
+
+def _echo_sweep(outcome: Any, budget: int) -> None:
+    from . import tracking
+
+    states = ", ".join(f"{count} {state}" for state, count in sorted(outcome.states.items()))
+    best = outcome.best
+    if best is None:
+        found = "No trial completed, so nothing is registered"
+    else:
+        values = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items()
+        )
+        found = (
+            f"Best: trial {best.number} (run {outcome.best_run_id}), validation "
+            f"{best.value:.2%}, {values}"
+        )
+    click.echo(
+        f"Sweep {outcome.study_name} (parent run {outcome.parent_run_id}): {states} of "
+        f"{budget} trials. {found}. Browse it: mlflow ui --backend-store-uri "
         f"{tracking.tracking_uri()}"
     )
 

@@ -8,6 +8,8 @@ check options before anything heavy loads.
 from __future__ import annotations
 
 import dataclasses
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,32 +188,101 @@ class TrainConfig:
         for name, value in recipe.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
-        _at_least(self, "epochs", 1)
-        _at_least(self, "batch_size", 1)
-        _at_least(self, "log_every", 1)
-        if not self.lr > 0:
-            raise ConfigError("lr", f"must be positive, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError("momentum", f"must be in [0, 1), got {self.momentum}")
-        if not self.weight_decay >= 0:
-            raise ConfigError("weight_decay", f"must be 0 or more, got {self.weight_decay}")
-        if not 0 < self.val_fraction < 1:
-            raise ConfigError("val_fraction", f"must be between 0 and 1, got {self.val_fraction}")
-        if self.nesterov and self.momentum == 0:
-            raise ConfigError("nesterov", "needs a momentum above 0")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
         for config_field in dataclasses.fields(self):
             _check_choice(self, config_field.name)
+            self.check_value(config_field.name, getattr(self, config_field.name))
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("nesterov", "needs a momentum above 0")
         if self.data is not None and not Path(self.data).exists():
             raise ConfigError("data", f"{self.data} does not exist")
-        for name in ("experiment_name", "model_name", "checkpoint_dir"):
-            if not getattr(self, name).strip():
-                raise ConfigError(name, "must not be empty")
+
+    @staticmethod
+    def check_value(name: str, value: Any) -> None:
+        """Raise ConfigError when `value` is out of the bounds of option `name`."""
+        rule = _BOUNDS.get(name)
+        if rule is not None and value is not None and not rule[0](value):
+            raise ConfigError(name, f"{rule[1]}, got {value!r}")
 
     def as_params(self) -> dict[str, Any]:
         """Every field, as MLflow parameters (empty string for 'not given')."""
         return {k: "" if v is None else v for k, v in dataclasses.asdict(self).items()}
+
+
+# Each option's bounds, checked for every config and for every value a sweep may try.
+_BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "epochs": (lambda v: v >= 1, "must be at least 1"),
+    "batch_size": (lambda v: v >= 1, "must be at least 1"),
+    "log_every": (lambda v: v >= 1, "must be at least 1"),
+    "lr": (lambda v: v > 0, "must be positive"),
+    "momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "weight_decay": (lambda v: v >= 0, "must be 0 or more"),
+    "val_fraction": (lambda v: 0 < v < 1, "must be between 0 and 1"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "experiment_name": (str.strip, "must not be empty"),
+    "model_name": (str.strip, "must not be empty"),
+    "checkpoint_dir": (str.strip, "must not be empty"),
+}
+
+
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("median", "hyperband", "none")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A sweep's own settings. The training options its trials share are a TrainConfig's."""
+
+    trials: int = option(
+        "Trials the study runs, all workers and machines together; run again, a study "
+        "continues up to it.",
+        20,
+    )
+    timeout: float | None = option(
+        "Seconds after which no new trial starts (those under way finish).", None
+    )
+    workers: int = option(
+        "Trials at once on this machine, each in a process with its share of the cores.", 1
+    )
+    space: str | None = option(
+        "YAML file of the options to search and their ranges; empty: the model's default space.",
+        None,
+        metavar="PATH",
+    )
+    sampler: str = option(
+        "How trials choose values: tpe (learns from earlier trials), random, or grid (every "
+        "combination of the space's values).",
+        "tpe",
+        SAMPLERS,
+    )
+    pruner: str = option(
+        "Stop trials that trail the others at the same epoch, never during warm-up: median, "
+        "hyperband, or none.",
+        "median",
+        PRUNERS,
+    )
+    study: str | None = option(
+        "Optuna study; the same name continues it. Default: <experiment>-<model>.", None
+    )
+    storage: str | None = option(
+        "Optuna storage URL that every worker and machine shares (postgresql://...); default: "
+        "optuna.db beside the tracking store.",
+        None,
+        metavar="URL",
+    )
+
+    def __post_init__(self) -> None:
+        for config_field in dataclasses.fields(self):
+            _check_choice(self, config_field.name)
+        if self.trials < 1:
+            raise ConfigError("trials", f"must be at least 1, got {self.trials}")
+        if self.workers < 1:
+            raise ConfigError("workers", f"must be at least 1, got {self.workers}")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ConfigError("timeout", f"must be positive, got {self.timeout}")
+        if self.space is not None and not Path(self.space).is_file():
+            raise ConfigError("space", f"{self.space} is not a file")
+        if self.study is not None and not self.study.strip():
+            raise ConfigError("study", "must not be empty")
 
 
 def field_help(name: str) -> str:
@@ -222,14 +293,18 @@ def field_default(name: str) -> Any:
     return TrainConfig.__dataclass_fields__[name].default
 
 
-def _at_least(config: TrainConfig, name: str, minimum: int) -> None:
-    value = getattr(config, name)
-    if value < minimum:
-        raise ConfigError(name, f"must be at least {minimum}, got {value}")
+def field_choices(name: str) -> tuple[str, ...]:
+    return TrainConfig.__dataclass_fields__[name].metadata["choices"]
 
 
-def _check_choice(config: TrainConfig, name: str) -> None:
-    choices = TrainConfig.__dataclass_fields__[name].metadata["choices"]
+def value_type(name: str, config_class: type = TrainConfig) -> type:
+    """A field's type, without the None that stands for "the recipe's" or "not given"."""
+    hint = typing.get_type_hints(config_class)[name]
+    return next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
+
+
+def _check_choice(config: Any, name: str) -> None:
+    choices = type(config).__dataclass_fields__[name].metadata["choices"]
     value = getattr(config, name)
     if choices and value not in choices:
         raise ConfigError(name, f"must be one of {', '.join(choices)}; got {value!r}")

@@ -25,6 +25,8 @@ from .evaluation import Evaluation
 log = logging.getLogger(__name__)
 
 EVAL_BATCH_SIZE = 1000
+# The share of training the one-cycle schedule spends warming up.
+WARMUP_FRACTION = 0.2
 # Training images that data-dependent initialisation (airbench's whitening) looks at.
 INIT_SAMPLE = 5000
 
@@ -142,8 +144,8 @@ def lr_factor(schedule: str, step: int, total_steps: int) -> float:
         return 1.0
     if schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * progress))
-    if schedule == "onecycle":  # linear warm-up over the first fifth, then linear decay to zero
-        warmup = 0.2
+    if schedule == "onecycle":  # linear warm-up, then linear decay to zero
+        warmup = WARMUP_FRACTION
         return progress / warmup if progress < warmup else (1 - progress) / (1 - warmup)
     raise ValueError(f"unknown schedule {schedule!r}")
 

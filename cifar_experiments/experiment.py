@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from . import checkpoint, data, engine, models, registry, serving, speedups, tracking
-from .callbacks import Checkpointing, ProgressBar, Tracker
+from .callbacks import Checkpointing, ProgressBar, StopOnDivergence, Tracker
 from .config import TrainConfig, field_default
 from .evaluation import Evaluation, curves_figure
 from .interrupts import Interrupted, StopRequests
@@ -65,8 +66,11 @@ class Summary:
     registration: registry.Registration | None = None
 
 
-def prepare(config: TrainConfig, resumption: Resumption | None = None) -> Prepared:
-    """Check the store, the checkpoint folder and the device, then load and split the data.
+def prepare(
+    config: TrainConfig, resumption: Resumption | None = None, dataset: data.Dataset | None = None
+) -> Prepared:
+    """Check the store, the checkpoint folder and the device, then load (unless `dataset` is
+    config.data, loaded already) and split the data.
 
     Raises TrackingError, CheckpointError, DeviceUnavailable, DataError or ResumeError, each
     before a run exists.
@@ -74,7 +78,8 @@ def prepare(config: TrainConfig, resumption: Resumption | None = None) -> Prepar
     tracking.check_store()
     checkpoint.check_writable(Path(config.checkpoint_dir))
     runtime = engine.Runtime.resolve(config.device, config.precision)
-    dataset = data.load_dataset(config.data)
+    if dataset is None:
+        dataset = data.load_dataset(config.data)
     if resumption is not None:
         trained_on = resumption.state["meta"]["data_digest"]
         if dataset.digest != trained_on:
@@ -152,11 +157,15 @@ def run(
     tracker: Tracker,
     checkpoints: checkpoint.CheckpointFile | None = None,
     stop: StopRequests | None = None,
+    callbacks: Sequence[engine.Callback] = (),
+    progress_bars: bool = True,
 ) -> Summary:
     """Train, evaluate and log the model, recording all of it through `tracker`.
 
     With `checkpoints`, the training state is saved after every epoch and, once `stop` has a
-    signal pending, between two steps; training then raises Interrupted.
+    signal pending, between two steps; training then raises Interrupted. `callbacks` plug into
+    the loop after the tracker's, the progress bar's and the checkpoints' (a pruner does).
+    Training that diverges raises TrainingDiverged.
     """
     config, dataset, resumption = prepared.config, prepared.dataset, prepared.resumption
     state = engine.TrainingState.create(config, prepared.train, dataset.classes, prepared.runtime)
@@ -165,13 +174,13 @@ def run(
         tracker.log_dataset(dataset)
     else:
         state.load_state_dict(resumption.state["training"])
-    progress = ProgressBar()
-    callbacks: list[engine.Callback] = [tracker, progress]
+    progress = ProgressBar(progress_bars)
+    plugged: list[engine.Callback] = [tracker, progress, StopOnDivergence()]
     if checkpoints is not None:
-        callbacks.append(Checkpointing(checkpoints, tracker, stop))
+        plugged.append(Checkpointing(checkpoints, tracker, stop))
     deferred = stop.deferred() if stop is not None else contextlib.nullcontext()
     with deferred, progress:
-        fit = engine.fit(state, prepared.val, callbacks)
+        fit = engine.fit(state, prepared.val, [*plugged, *callbacks])
     tracker.log_metrics({tracking.BEST_VAL_METRIC: fit.kept_val.accuracy}, step=fit.kept_epoch)
     tracker.log_evaluation("val", fit.kept_val)
     tracker.log_figure(curves_figure(fit.history), "training_curves.png")
@@ -216,23 +225,29 @@ def _params(prepared: Prepared, state: engine.TrainingState) -> dict[str, Any]:
     }
 
 
-def train(prepared: Prepared, stop: StopRequests | None = None) -> Summary:
+def train(
+    prepared: Prepared,
+    stop: StopRequests | None = None,
+    callbacks: Sequence[engine.Callback] = (),
+    tags: dict[str, str] | None = None,
+    progress_bars: bool = True,
+) -> Summary:
     """Run inside an MLflow run that ends FINISHED, FAILED or KILLED; then register it.
 
     The training state is checkpointed after every epoch and on a stop request; a stopped
     run raises Interrupted, carrying its run ID. A registration that fails leaves the run
-    FINISHED and raises RegistrationFailed.
+    FINISHED and raises RegistrationFailed. `tags` go on a new run as it starts.
     """
     config, resumption = prepared.config, prepared.resumption
     resume_run_id = resumption.run_id if resumption is not None else None
-    with tracking.mlflow_run(config, resume_run_id) as tracker:
+    with tracking.mlflow_run(config, resume_run_id, tags) as tracker:
         checkpoints = checkpoint.CheckpointFile(
             Path(config.checkpoint_dir).resolve() / f"{tracker.run_id}.pt",
             meta={"config": dataclasses.asdict(config), "data_digest": prepared.dataset.digest},
         )
         tracker.record_checkpoint(checkpoints.path)
         try:
-            summary = run(prepared, tracker, checkpoints, stop)
+            summary = run(prepared, tracker, checkpoints, stop, callbacks, progress_bars)
         except Interrupted as interruption:
             interruption.run_id = tracker.run_id
             raise

@@ -148,7 +148,9 @@ class MlflowTracker(Tracker):
 
 
 @contextmanager
-def mlflow_run(config: TrainConfig, resume_run_id: str | None = None) -> Iterator[MlflowTracker]:
+def mlflow_run(
+    config: TrainConfig, resume_run_id: str | None = None, tags: dict[str, str] | None = None
+) -> Iterator[MlflowTracker]:
     """Start a run (or continue the one `mlflow run` made, or `resume_run_id`) and always end it.
 
     FINISHED on success; KILLED on Ctrl-C or SIGTERM; FAILED, with the error in a tag, on an
@@ -158,21 +160,58 @@ def mlflow_run(config: TrainConfig, resume_run_id: str | None = None) -> Iterato
         mlflow.set_experiment(config.experiment_name)
     run = _with_retries(
         lambda: mlflow.start_run(
-            run_id=resume_run_id, run_name=config.run_name, log_system_metrics=True
+            run_id=resume_run_id, run_name=config.run_name, tags=tags, log_system_metrics=True
         )
     )
     tracker = MlflowTracker(run.info.run_id, resumed=resume_run_id is not None)
     mlflow.set_tag(PROCESS_TAG, f"{socket.gethostname()}:{os.getpid()}")
-    try:
+    with _ended_as_it_goes(lambda status, error: _end(tracker, status, error)):
         yield tracker
+
+
+@contextmanager
+def _ended_as_it_goes(end: Callable[[int, str | None], None]) -> Iterator[None]:
+    """Call `end` with the status the block earns: FINISHED; KILLED on Ctrl-C or SIGTERM;
+    FAILED, with the error, on an exception."""
+    try:
+        yield
     except (KeyboardInterrupt, Interrupted) as interruption:
-        _end(tracker, RunStatus.KILLED, str(interruption) or "interrupted")
+        end(RunStatus.KILLED, str(interruption) or "interrupted")
         raise
     except BaseException as error:
-        _end(tracker, RunStatus.FAILED, f"{type(error).__name__}: {error}")
+        end(RunStatus.FAILED, f"{type(error).__name__}: {error}")
         raise
     else:
-        _end(tracker, RunStatus.FINISHED)
+        end(RunStatus.FINISHED, None)
+
+
+def start_parent_run(experiment_name: str, run_name: str) -> str:
+    """A run to nest others under. Made with the client, not made active: the runs nested
+    under it may start in this process too."""
+    experiment = _with_retries(lambda: mlflow.set_experiment(experiment_name))
+    client = mlflow.MlflowClient()
+    return client.create_run(experiment.experiment_id, run_name=run_name).info.run_id
+
+
+def experiment_of(run_id: str) -> str:
+    """The name of the experiment that holds `run_id`."""
+    client = mlflow.MlflowClient()
+    return client.get_experiment(client.get_run(run_id).info.experiment_id).name
+
+
+@contextmanager
+def holding(run_id: str) -> Iterator[None]:
+    """`run_id` is RUNNING while the block runs, then ends as it went (see mlflow_run)."""
+    client = mlflow.MlflowClient()
+    client.update_run(run_id, status="RUNNING")
+
+    def end(status: int, error: str | None) -> None:
+        if error:
+            client.set_tag(run_id, ERROR_TAG, error[:5000])
+        client.set_terminated(run_id, RunStatus.to_string(status))
+
+    with _ended_as_it_goes(end):
+        yield
 
 
 def _end(tracker: MlflowTracker, status: int, error: str | None = None) -> None:
@@ -251,7 +290,7 @@ def check_store() -> None:
 def _first_use_lock() -> contextlib.AbstractContextManager:
     """For a SQLite store, a lock file beside it: the first use of a new store creates its
     tables, and trainings started together would otherwise all try (and all but one fail)."""
-    database = _sqlite_file()
+    database = sqlite_file()
     if database is None or not database.parent.is_dir():
         return contextlib.nullcontext()  # MLflow's own error will name the missing folder
     return FileLock(f"{database}.lock", timeout=300)
@@ -289,11 +328,11 @@ def mark_project_run_failed(message: str) -> None:
 
 def tracking_uri() -> str:
     """The store's URI, absolute, so the UI command works from any directory."""
-    database = _sqlite_file()
+    database = sqlite_file()
     return f"{SQLITE_PREFIX}{database}" if database is not None else mlflow.get_tracking_uri()
 
 
-def _sqlite_file() -> Path | None:
+def sqlite_file() -> Path | None:
     """The database file of a SQLite store, absolute; None for other stores."""
     uri = mlflow.get_tracking_uri()
     if not uri.startswith(SQLITE_PREFIX):

@@ -358,6 +358,18 @@ def test_a_disk_that_fills_up_during_training_fails_the_run_with_the_reason(
     assert "No space left on device" in runs["tags.error"].iloc[0]
 
 
+def test_a_loss_that_becomes_nan_fails_the_run_after_that_epoch(image_folder):
+    args = ["--data", str(image_folder), "--epochs", "4", "--lr", "1e12", "--schedule", "constant"]
+    result = CliRunner().invoke(cli, ["train", *args])
+    assert result.exit_code == 1
+    assert "training diverged: the training loss was nan in epoch" in result.output
+    assert "Traceback" not in result.output
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FAILED" and "training diverged" in run.data.tags["error"]
+    epochs = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val/accuracy")
+    assert len(epochs) < 4, "no epoch is trained after the loss became NaN"
+
+
 def test_resume_fetches_the_checkpoint_artifact_when_the_file_is_gone(killed_run, tmp_path):
     client = mlflow.MlflowClient()
     local = Path(client.get_run(killed_run).data.tags["checkpoint"])

@@ -21,6 +21,13 @@ def entry_point(name: str = "main") -> dict:
     return yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][name]
 
 
+def as_mlproject_default(default: object) -> object:
+    """An option's default as MLproject writes it: "" for none, true/false for a bool."""
+    if default is None:
+        return ""
+    return str(default).lower() if isinstance(default, bool) else default
+
+
 def test_mlproject_declares_the_config_options_with_their_defaults():
     """MLproject is written by hand; the CLI's options are made from the config's fields."""
     parameters = entry_point()["parameters"]
@@ -34,15 +41,7 @@ def test_mlproject_declares_the_config_options_with_their_defaults():
         if name == "resume":
             assert spec["default"] == ""
             continue
-        default = fields[name].default
-        expected = (
-            ""
-            if default is None
-            else str(default).lower()
-            if isinstance(default, bool)
-            else default
-        )
-        assert spec["default"] == expected, name
+        assert spec["default"] == as_mlproject_default(fields[name].default), name
 
 
 def test_register_entry_point_passes_its_parameters_to_the_register_command():
@@ -53,6 +52,21 @@ def test_register_entry_point_passes_its_parameters_to_the_register_command():
     for name, parameter in spec["parameters"].items():
         assert parameter["default"] == next(p.default for p in register.params if p.name == name)
         assert f"--{name.replace('_', '-')} {{{name}}}" in spec["command"]
+
+
+def test_sweep_entry_point_passes_its_parameters_and_leaves_searchable_ones_undeclared():
+    """A declared parameter reaches the CLI even at its default, so it would count as fixed
+    for every trial: the searchable options must be left to `-P name=value`."""
+    from cifar_experiments.cli import sweep
+    from cifar_experiments.search_space import SEARCHABLE
+
+    spec = entry_point("sweep")
+    options = {p.name: p for p in sweep.params}
+    assert set(spec["parameters"]) <= set(options)
+    assert not set(spec["parameters"]) & set(SEARCHABLE)
+    for name, parameter in spec["parameters"].items():
+        assert f"--{name.replace('_', '-')} {{{name}}}" in spec["command"], name
+        assert parameter["default"] == as_mlproject_default(options[name].default), name
 
 
 def test_conda_env_installs_what_the_package_needs():
