@@ -16,6 +16,7 @@ integers; `nesterov`, `lookahead`, `augment`, `schedule` and `keep_epoch` take c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ SEARCHABLE = (
 # (config.RECIPES), over the options that moved validation accuracy most when tuned by hand.
 DEFAULT_SPACES: dict[str, dict[str, Any]] = {
     "tutorial": {
-        "lr": {"low": 0.02, "high": 0.3, "log": True},
+        "lr": {"low": 0.03, "high": 0.2, "log": True},
         "batch_size": [64, 128, 256],
         "weight_decay": {"low": 1e-4, "high": 3e-3, "log": True},
         "momentum": {"low": 0.8, "high": 0.95},
@@ -89,6 +90,10 @@ class Range:
         values = [self.low + i * step for i in range(count)]
         return [int(v) for v in values] if self.integer else [float(f"{v:.12g}") for v in values]
 
+    def holds(self, value: Any) -> bool:
+        on_grid = self.step is None or math.isclose((value - self.low) / self.step % 1, 0)
+        return self.low <= value <= self.high and on_grid
+
     def describe(self) -> str:
         return f"{self.low} to {self.high}" + (" (log)" if self.log else "")
 
@@ -102,6 +107,9 @@ class Choice:
 
     def grid(self) -> list[Any]:
         return list(self.values)
+
+    def holds(self, value: Any) -> bool:
+        return value in self.values
 
     def describe(self) -> str:
         return "one of " + ", ".join(map(str, self.values))

@@ -135,6 +135,9 @@ def plan(sweep: SweepConfig, base: dict[str, Any], space: search_space.Space) ->
         mlflow.MlflowClient().set_tag(parent, STUDY_TAG, study_name)
         study.set_user_attr(PARENT_ATTR, parent)
         _log_settings(parent, sweep, base, space, storage)
+        recipe = _recipe_point(base, space)
+        if recipe and sweep.sampler != "grid":  # a grid's points are its own
+            study.enqueue_trial(recipe)  # the first trial is the recipe: a sweep starts from it
     if project_run not in (None, parent):
         raise SweepError(
             f"study {study_name} already has its parent run {parent}, and `mlflow run` made a "
@@ -454,6 +457,14 @@ def _settings(base: dict[str, Any], space: search_space.Space) -> dict[str, Any]
     options = {k: v for k, v in base.items() if k not in experiment.CHANGEABLE_ON_RESUME}
     searched = {name: dataclasses.asdict(dimension) for name, dimension in space.items()}
     return json.loads(json.dumps({"space": searched, "options": options}))
+
+
+def _recipe_point(base: dict[str, Any], space: search_space.Space) -> dict[str, Any]:
+    """The values the searched options take unsearched (the model's recipe), if the space
+    holds them all; else nothing."""
+    recipe = dataclasses.asdict(TrainConfig(**base))
+    point = {name: recipe[name] for name in space}
+    return point if all(space[name].holds(value) for name, value in point.items()) else {}
 
 
 def _existing_parent(study: optuna.Study, settings: dict[str, Any]) -> str:

@@ -54,6 +54,7 @@ def test_a_sweep_nests_its_trials_and_registers_only_the_best(image_folder, tmp_
     assert all(run.info.status == "FINISHED" for run in trials)
     assert all(run.data.tags[sweep.STATE_TAG] == "complete" for run in trials)
     assert len({run.data.params["lr"] for run in trials}) == 3, "each trial tries its own lr"
+    assert trials[0].data.params["lr"] == "0.07", "the first trial is the recipe's"
     assert {run.data.params["batch_size"] for run in trials} == {"8"}, "fixed for every trial"
     assert all(run.outputs.model_outputs for run in trials), "each trial logs its model"
 
@@ -88,19 +89,20 @@ def test_a_pruned_trial_stops_early_and_finishes_tagged_pruned(image_folder, mon
     monkeypatch.setattr(sweep, "STARTUP_TRIALS", 1)
     space = sweep.search_space.parse({"lr": {"low": 1e-7, "high": 0.5, "log": True}}, "test")
     base = TrainConfig(epochs=4, batch_size=8, data=str(image_folder), augment=False)
-    plan = sweep.plan(SweepConfig(trials=2, sampler="random"), vars(base).copy(), space)
+    plan = sweep.plan(SweepConfig(trials=3, sampler="random"), vars(base).copy(), space)
     study = optuna.load_study(study_name=plan.study_name, storage=plan.storage)
-    study.enqueue_trial({"lr": 0.1})  # learns
-    study.enqueue_trial({"lr": 1e-7})  # cannot
+    study.enqueue_trial({"lr": 0.1})  # after the recipe's own lr, another that learns
+    study.enqueue_trial({"lr": 1e-7})  # and one that cannot
     outcome = sweep.run(plan, StopRequests())
 
-    assert outcome.states == {"complete": 1, "pruned": 1}
-    good, hopeless = children(plan.parent_run_id)
+    assert outcome.states == {"complete": 2, "pruned": 1}
+    recipe, good, hopeless = children(plan.parent_run_id)
+    assert recipe.data.params["lr"] == str(base.lr), "the first trial is the recipe"
     assert hopeless.info.status == "FINISHED" and hopeless.data.tags[sweep.STATE_TAG] == "pruned"
     epochs = mlflow.MlflowClient().get_metric_history(hopeless.info.run_id, "val/accuracy")
     assert len(epochs) == sweep.warmup_epochs(4) < 4, "judged once its warm-up was over"
     assert good.data.tags[sweep.STATE_TAG] == "complete"
-    assert outcome.best_run_id == good.info.run_id
+    assert outcome.best_run_id in (recipe.info.run_id, good.info.run_id)
 
 
 def test_a_failing_trial_is_marked_failed_with_its_reason_and_the_sweep_goes_on(
