@@ -28,6 +28,8 @@ import mlflow
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, ProgrammingError, SQLAlchemyError
 
 from . import data, engine, experiment, search_space, tracking
 from .callbacks import Callback
@@ -102,9 +104,10 @@ def default_storage() -> str:
 
 def shown(storage: str) -> str:
     """A storage URL without its password, to log and print."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(storage).render_as_string(hide_password=True)
+    try:
+        return make_url(storage).render_as_string(hide_password=True)
+    except ArgumentError:  # not a URL at all: at least leave out what precedes a host
+        return storage.rpartition("@")[2]
 
 
 def plan(sweep: SweepConfig, base: dict[str, Any], space: search_space.Space) -> Plan:
@@ -441,12 +444,28 @@ def _pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
 
 
 def _storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's storage at `url`; SweepError, in one line without the password, if unusable."""
+    try:
+        for pause in (1, 2, 3, 4):
+            try:
+                return _rdb_storage(url)
+            except (IntegrityError, ProgrammingError):
+                # Machines that start together on an empty database all create Optuna's
+                # tables; all but one find them made meanwhile, and look again.
+                time.sleep(pause)
+        return _rdb_storage(url)
+    except (ImportError, ValueError, SQLAlchemyError) as error:  # no driver, a bad URL
+        reason = " ".join(str(error).split())[:300]
+        raise SweepError(f"cannot use the Optuna storage {shown(url)}: {reason}") from None
+
+
+def _rdb_storage(url: str) -> optuna.storages.RDBStorage:
     # SQLite takes one writer at a time: workers wait their turn instead of failing at once.
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    # A trial whose worker was killed outright stops beating and is failed after the grace
-    # period, so it neither holds a place in the budget nor counts in it.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # A trial whose worker was killed outright stops beating and is failed after the
+        # grace period, so it neither holds a place in the budget nor counts in it.
         return optuna.storages.RDBStorage(
             url, engine_kwargs=engine_kwargs, heartbeat_interval=30, grace_period=120
         )

@@ -155,6 +155,19 @@ def test_bad_input_is_refused_in_one_line_before_any_trial(
     assert mlflow.search_runs(search_all_experiments=True).empty
 
 
+def test_a_storage_that_cannot_be_used_is_one_line_without_its_password(image_folder):
+    storage = "postgresql://sweeper:s3cret@127.0.0.1:1/optuna"  # nothing listens on port 1
+    result = CliRunner().invoke(
+        cli, ["sweep", "--storage", storage, "--data", str(image_folder), *TINY]
+    )
+    assert result.exit_code == 1
+    assert "cannot use the Optuna storage postgresql://sweeper:***@127.0.0.1:1/optuna" in (
+        result.output
+    )
+    assert "s3cret" not in result.output and "Traceback" not in result.output
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
 def test_continuing_a_study_with_other_settings_is_refused(image_folder):
     assert run_sweep("--trials", "1", "--data", str(image_folder), *TINY).exit_code == 0
     result = CliRunner().invoke(
