@@ -32,9 +32,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, ProgrammingError, SQLAlchemyError
 
 from . import data, engine, experiment, search_space, tracking
-from .callbacks import Callback
 from .config import ConfigError, SweepConfig, TrainConfig
-from .engine import TrainingState
 from .interrupts import Interrupted, StopRequests
 
 log = logging.getLogger(__name__)
@@ -196,7 +194,7 @@ def work(plan: Plan, worker: int, stop: StopRequests) -> None:
             raise objective.interruption
 
 
-class Pruning(Callback):
+class Pruning(engine.Callback):
     """Reports each epoch's validation accuracy to the trial, and ends training after an
     epoch the pruner finds hopeless (its own warm-up keeps it from judging early)."""
 
@@ -204,7 +202,9 @@ class Pruning(Callback):
         self.trial = trial
         self.pruned_at: int | None = None
 
-    def on_epoch_end(self, state: TrainingState, epoch: int, metrics: dict[str, float]) -> bool:
+    def on_epoch_end(
+        self, state: engine.TrainingState, epoch: int, metrics: dict[str, float]
+    ) -> bool:
         self.trial.report(metrics["val/accuracy"], epoch)
         if epoch < state.config.epochs and self.trial.should_prune():
             self.pruned_at = epoch
