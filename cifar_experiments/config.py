@@ -188,20 +188,11 @@ class TrainConfig:
         for name, value in recipe.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
-        for config_field in dataclasses.fields(self):
-            _check_choice(self, config_field.name)
-            self.check_value(config_field.name, getattr(self, config_field.name))
+        _check_fields(self)
         if self.nesterov and self.momentum == 0:
             raise ConfigError("nesterov", "needs a momentum above 0")
         if self.data is not None and not Path(self.data).exists():
             raise ConfigError("data", f"{self.data} does not exist")
-
-    @staticmethod
-    def check_value(name: str, value: Any) -> None:
-        """Raise ConfigError when `value` is out of the bounds of option `name`."""
-        rule = _BOUNDS.get(name)
-        if rule is not None and value is not None and not rule[0](value):
-            raise ConfigError(name, f"{rule[1]}, got {value!r}")
 
     def as_params(self) -> dict[str, Any]:
         """Every field, as MLflow parameters (empty string for 'not given')."""
@@ -210,6 +201,10 @@ class TrainConfig:
 
 # Each option's bounds, checked for every config and for every value a sweep may try.
 _BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "trials": (lambda v: v >= 1, "must be at least 1"),
+    "workers": (lambda v: v >= 1, "must be at least 1"),
+    "timeout": (lambda v: v > 0, "must be positive"),
+    "study": (str.strip, "must not be empty"),
     "epochs": (lambda v: v >= 1, "must be at least 1"),
     "batch_size": (lambda v: v >= 1, "must be at least 1"),
     "log_every": (lambda v: v >= 1, "must be at least 1"),
@@ -271,18 +266,9 @@ class SweepConfig:
     )
 
     def __post_init__(self) -> None:
-        for config_field in dataclasses.fields(self):
-            _check_choice(self, config_field.name)
-        if self.trials < 1:
-            raise ConfigError("trials", f"must be at least 1, got {self.trials}")
-        if self.workers < 1:
-            raise ConfigError("workers", f"must be at least 1, got {self.workers}")
-        if self.timeout is not None and not self.timeout > 0:
-            raise ConfigError("timeout", f"must be positive, got {self.timeout}")
+        _check_fields(self)
         if self.space is not None and not Path(self.space).is_file():
             raise ConfigError("space", f"{self.space} is not a file")
-        if self.study is not None and not self.study.strip():
-            raise ConfigError("study", "must not be empty")
 
 
 def field_help(name: str) -> str:
@@ -301,6 +287,20 @@ def value_type(name: str, config_class: type = TrainConfig) -> type:
     """A field's type, without the None that stands for "the recipe's" or "not given"."""
     hint = typing.get_type_hints(config_class)[name]
     return next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
+
+
+def check_value(name: str, value: Any) -> None:
+    """Raise ConfigError when `value` is out of the bounds of option `name`."""
+    rule = _BOUNDS.get(name)
+    if rule is not None and value is not None and not rule[0](value):
+        raise ConfigError(name, f"{rule[1]}, got {value!r}")
+
+
+def _check_fields(config: Any) -> None:
+    """Every field of a config against its choices and its bounds."""
+    for config_field in dataclasses.fields(config):
+        _check_choice(config, config_field.name)
+        check_value(config_field.name, getattr(config, config_field.name))
 
 
 def _check_choice(config: Any, name: str) -> None:

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from .config import ConfigError, TrainConfig, field_choices, value_type
+from .config import ConfigError, check_value, field_choices, value_type
 
 # The training options a sweep may search; the others (data, epochs, device, ...) are the
 # sweep's own settings or fixed for every trial. val_fraction is not among them: trials on
@@ -218,7 +218,7 @@ def _typed(value: Any, kind: type, name: str, where: str) -> Any:
     if choices and value not in choices:
         raise SpaceError(f"{where}: {value!r} is not one of {', '.join(choices)}")
     try:
-        TrainConfig.check_value(name, kind(value))
+        check_value(name, kind(value))
     except ConfigError as error:
         raise SpaceError(f"{where}: {error.message}") from None
     return kind(value)
