@@ -229,7 +229,10 @@ def _prepare(resume: str | None, options: dict[str, Any]) -> Any:
         else:
             # A recipe may differ by device (CUDA_RECIPES), so "auto" is settled first.
             device = Runtime.resolve(options["device"]).device.type
-            config = TrainConfig(**{**options, "device": device})
+            experiment_name = _experiment_chosen(options["experiment_name"])
+            config = TrainConfig(
+                **{**options, "device": device, "experiment_name": experiment_name}
+            )
         return experiment.prepare(config, resumption)
     except ConfigError as error:
         raise click.BadParameter(error.message, param_hint=_hint(error.field)) from None
@@ -243,6 +246,24 @@ def _prepare(resume: str | None, options: dict[str, Any]) -> Any:
         raise click.BadParameter(str(error), param_hint=_hint("data")) from None
     except DeviceUnavailable as error:
         raise click.BadParameter(str(error), param_hint=_hint("device")) from None
+
+
+def _experiment_chosen(asked: str) -> str:
+    """The experiment a new run goes in: `mlflow run` has chosen it already, and another one
+    asked for as a parameter would be logged beside a run that is not in it."""
+    project_run = os.environ.get("MLFLOW_RUN_ID")
+    if project_run is None:
+        return asked
+    from .tracking import experiment_of
+
+    chosen = experiment_of(project_run)
+    if _given(click.get_current_context(), "experiment_name") and asked != chosen:
+        raise click.BadParameter(
+            f"`mlflow run` put this run in experiment {chosen!r}; choose the experiment with "
+            f"`mlflow run --experiment-name {shlex.quote(asked)}` instead",
+            param_hint=_hint("experiment_name"),
+        )
+    return chosen
 
 
 def _interrupted_message(interruption: Any, under_mlflow_run: bool) -> str:
@@ -285,10 +306,10 @@ def _echo_summary(summary: Any) -> None:
     )
     if summary.registration is not None:
         _echo_registration(summary.registration)
+    page = tracking.run_page(summary.run_id)
     click.echo(
         f"Run {summary.run_id} finished: {result} (epoch {summary.kept_epoch} kept, validation "
-        f"{summary.val_accuracy:.2%}). Browse it: mlflow ui --backend-store-uri "
-        f"{tracking.tracking_uri()}"
+        f"{summary.val_accuracy:.2%}). Browse it: {tracking.browse(page)}"
     )
 
 
@@ -396,8 +417,8 @@ def _echo_sweep(outcome: Any, budget: int) -> None:
         )
     click.echo(
         f"Sweep {outcome.study_name} (parent run {outcome.parent_run_id}): {states} of "
-        f"{budget} trials. {found}. Browse it: mlflow ui --backend-store-uri "
-        f"{tracking.tracking_uri()}"
+        f"{budget} trials. {found}. Browse it: "
+        f"{tracking.browse(tracking.run_page(outcome.parent_run_id))}"
     )
 
 
@@ -475,10 +496,13 @@ def predict(paths: tuple[Path, ...], model_uri: str, as_json: bool) -> None:
 
 
 def _echo_registration(registration: registry.Registration) -> None:
+    from . import tracking
+
+    name, version = registration.name, registration.version
     click.echo(
-        f"Registered {registration.name} version {registration.version}; {registration.message}. "
-        f"Serve it: mlflow models serve -m models:/{registration.name}@{CHAMPION_ALIAS} "
-        "--env-manager local -p 5001"
+        f"Registered {name} version {version}; {registration.message}. See it: "
+        f"{tracking.browse(tracking.model_version_page(name, version))}. Serve the champion: "
+        f"mlflow models serve -m models:/{name}@{CHAMPION_ALIAS} --env-manager local -p 5001"
     )
 
 

@@ -195,8 +195,13 @@ class TrainConfig:
             raise ConfigError("data", f"{self.data} does not exist")
 
     def as_params(self) -> dict[str, Any]:
-        """Every field, as MLflow parameters (empty string for 'not given')."""
-        return {k: "" if v is None else v for k, v in dataclasses.asdict(self).items()}
+        """The fields given a value, as MLflow parameters. The experiment is left out: the run
+        is in it, and under `mlflow run` this field is not the one that chose it."""
+        return {
+            k: v
+            for k, v in dataclasses.asdict(self).items()
+            if v is not None and k != "experiment_name"
+        }
 
 
 # Each option's bounds, checked for every config and for every value a sweep may try.

@@ -139,6 +139,7 @@ def plan(sweep: SweepConfig, base: dict[str, Any], space: search_space.Space) ->
         recipe = _recipe_point(base, space)
         if recipe and sweep.sampler != "grid":  # a grid's points are its own
             study.enqueue_trial(recipe)  # the first trial is the recipe: a sweep starts from it
+    tracking.mark_as_training(mlflow.MlflowClient().get_run(parent).info.experiment_id)
     if project_run not in (None, parent):
         raise SweepError(
             f"study {study_name} already has its parent run {parent}, and `mlflow run` made a "

@@ -12,6 +12,7 @@ import random
 import socket
 import tempfile
 import time
+import urllib.parse
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -51,6 +52,12 @@ SQLITE_PREFIX = "sqlite:///"
 CHECKPOINT_TAG = "checkpoint"
 PROCESS_TAG = "process"
 CHECKPOINT_ARTIFACT_DIR = "checkpoint"
+# MLflow's UI opens an experiment in its GenAI mode unless told it is for model training.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+# Without this in the address, the UI shows its GenAI pages to a browser that last used them.
+TRAINING_VIEW = "?workflowType=machine_learning"
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` listens unless told otherwise
 
 
 class TrackingError(ValueError):
@@ -163,6 +170,7 @@ def mlflow_run(
             run_id=resume_run_id, run_name=config.run_name, tags=tags, log_system_metrics=True
         )
     )
+    mark_as_training(run.info.experiment_id)
     tracker = MlflowTracker(run.info.run_id, resumed=resume_run_id is not None)
     mlflow.set_tag(PROCESS_TAG, f"{socket.gethostname()}:{os.getpid()}")
     with _ended_as_it_goes(lambda status, error: _end(tracker, status, error)):
@@ -191,6 +199,36 @@ def start_parent_run(experiment_name: str, run_name: str) -> str:
     experiment = _with_retries(lambda: mlflow.set_experiment(experiment_name))
     client = mlflow.MlflowClient()
     return client.create_run(experiment.experiment_id, run_name=run_name).info.run_id
+
+
+def mark_as_training(experiment_id: str) -> None:
+    """Tag the experiment as one of model training, so the UI opens it on its runs; a kind
+    someone set already is theirs to keep."""
+    client = mlflow.MlflowClient()
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+
+
+def run_page(run_id: str) -> str:
+    """The UI page of a run, in the model-training view; see `browse`."""
+    experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    return f"#/experiments/{experiment_id}/runs/{run_id}{TRAINING_VIEW}"
+
+
+def model_version_page(name: str, version: str) -> str:
+    return f"#/models/{urllib.parse.quote(name)}/versions/{version}"
+
+
+def browse(page: str) -> str:
+    """How to see `page` of the UI: the tracking server's own address, or, for a store on this
+    machine, the command that starts the UI and the address it will answer at."""
+    uri = mlflow.get_tracking_uri()
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme in ("http", "https"):
+        # Credentials never travel in the address: each user sets MLFLOW_TRACKING_USERNAME.
+        server = parts._replace(netloc=parts.netloc.rpartition("@")[2], query="", fragment="")
+        return f"open {server.geturl().rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {tracking_uri()}, then open {UI_ADDRESS}/{page}"
 
 
 def experiment_of(run_id: str) -> str:

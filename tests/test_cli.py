@@ -33,11 +33,24 @@ def artifact_paths(client: mlflow.MlflowClient, run_id: str, path: str = "") -> 
     return found
 
 
-def test_closing_line_names_run_accuracy_and_ui_command(finished_run):
-    result, _, run_id = finished_run
+def test_closing_line_names_run_accuracy_and_links_its_page_in_the_training_view(
+    in_finished_store,
+):
+    result, client, run_id = in_finished_store
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith(f"Run {run_id} finished: test accuracy ")
-    assert "mlflow ui --backend-store-uri sqlite:////" in last
+    experiment_id = client.get_run(run_id).info.experiment_id
+    assert last.endswith(
+        f"Browse it: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}, then open "
+        f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}"
+        "?workflowType=machine_learning"
+    )
+
+
+def test_the_experiment_opens_as_model_training_in_the_ui(finished_run):
+    _, client, run_id = finished_run
+    experiment = client.get_experiment(client.get_run(run_id).info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_run_is_finished_with_every_param(finished_run):
@@ -51,6 +64,7 @@ def test_run_is_finished_with_every_param(finished_run):
                     "torch_version", "seed", "num_classes"):  # fmt: skip
         assert derived in params, derived
     assert params["parameter_count"] == str(62006 - 7 * 85)  # 3 classes, not 10
+    assert "" not in params.values() and "resume" not in params
     assert (params["train_size"], params["val_size"], params["test_size"]) == ("27", "3", "12")
 
 

@@ -42,10 +42,13 @@ def test_bad_values_name_their_field(field, value):
     assert raised.value.field == field
 
 
-def test_params_use_empty_string_for_unset_values():
+def test_params_leave_out_what_was_not_given_and_the_experiment():
     params = TrainConfig().as_params()
-    assert params["data"] == "" and params["run_name"] == ""
+    assert "data" not in params and "run_name" not in params
+    assert "experiment_name" not in params  # the run is in it; under `mlflow run`, not this one
+    assert "" not in params.values()
     assert params["lr"] == RECIPES["tutorial"]["lr"]
+    assert TrainConfig(run_name="mine").as_params()["run_name"] == "mine"
 
 
 @pytest.mark.parametrize("model", ["tutorial", "airbench"])

@@ -22,9 +22,7 @@ def entry_point(name: str = "main") -> dict:
 
 
 def as_mlproject_default(default: object) -> object:
-    """An option's default as MLproject writes it: "" for none, true/false for a bool."""
-    if default is None:
-        return ""
+    """An option's default as MLproject writes it: true/false for a bool."""
     return str(default).lower() if isinstance(default, bool) else default
 
 
@@ -32,23 +30,30 @@ def test_mlproject_declares_the_config_options_with_their_defaults():
     """MLproject is written by hand; the CLI's options are made from the config's fields."""
     parameters = entry_point()["parameters"]
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    # Recipe options are not declared (`mlflow run` hands them on all the same), so a run
-    # logs the recipe's values instead of placeholders.
-    assert set(parameters) == {*fields, "resume"} - set(RECIPES["tutorial"])
+    # `mlflow run` logs every declared parameter: one without a default would be logged as a
+    # placeholder, and recipe options as something other than the recipe's values. The
+    # experiment is `mlflow run`'s own --experiment-name.
+    no_default = {name for name, f in fields.items() if f.default is None}
+    assert set(parameters) == set(fields) - set(RECIPES["tutorial"]) - no_default - {
+        "experiment_name"
+    }
     assert {p.name for p in train.params} >= set(parameters)
     for name, spec in parameters.items():
         assert f"--{name.replace('_', '-')} {{{name}}}" in entry_point()["command"], name
-        if name == "resume":
-            assert spec["default"] == ""
-            continue
         assert spec["default"] == as_mlproject_default(fields[name].default), name
+
+
+def test_no_entry_point_declares_a_placeholder():
+    for name in ("main", "register", "sweep"):
+        defaults = [spec["default"] for spec in entry_point(name)["parameters"].values()]
+        assert "" not in defaults, name
 
 
 def test_register_entry_point_passes_its_parameters_to_the_register_command():
     from cifar_experiments.cli import register
 
     spec = entry_point("register")
-    assert set(spec["parameters"]) == {p.name for p in register.params}
+    assert set(spec["parameters"]) == {p.name for p in register.params} - {"run_id"}
     for name, parameter in spec["parameters"].items():
         assert parameter["default"] == next(p.default for p in register.params if p.name == name)
         assert f"--{name.replace('_', '-')} {{{name}}}" in spec["command"]
@@ -108,6 +113,12 @@ def test_mlflow_run_trains_into_the_run_it_made(image_folder, tracking_store, tm
     assert (run.data.params["device"], run.data.params["compute_device"]) == ("auto", "cpu")
     assert run.data.params["parameter_count"] == str(62006 - 7 * 85)
     assert "test/accuracy" in run.data.metrics
+    placeholders = {k: v for k, v in run.data.params.items() if v in ("", "''", '""')}
+    assert not placeholders
+    assert "experiment_name" not in run.data.params  # the run is in "project", not "cifar10"
+    experiment = mlflow.get_experiment(run.info.experiment_id)
+    assert experiment.name == "project"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert re.search(rf"Run {run.info.run_id} finished: test accuracy", done.stdout)
 
 
