@@ -18,11 +18,11 @@ from .engine import Callback, TrainingState
 from .interrupts import Interrupted
 
 if TYPE_CHECKING:
+    import torch
     from matplotlib.figure import Figure
-    from torch import nn
 
     from .checkpoint import CheckpointFile
-    from .data import Dataset
+    from .data import Dataset, ImageSet
     from .evaluation import Evaluation
     from .interrupts import StopRequests
 
@@ -57,16 +57,19 @@ class Tracker(Callback):
     def log_dataset(self, dataset: Dataset) -> None:
         pass
 
-    def log_evaluation(self, split: str, evaluation: Evaluation) -> None:
-        pass
+    def log_evaluation(self, split: str, evaluation: Evaluation, images: ImageSet) -> None:
+        """How the model did on `split`, whose images are `images`."""
 
     def log_figure(self, figure: Figure, path: str) -> None:
         from matplotlib import pyplot as plt
 
         plt.close(figure)
 
-    def log_model(self, net: nn.Module, settings: dict[str, Any], example_png: bytes) -> None:
-        """The network as a servable model; `settings` is what serving needs besides weights."""
+    def log_model(
+        self, weights: dict[str, torch.Tensor], settings: dict[str, Any], example_png: bytes
+    ) -> None:
+        """The network's weights as a servable model (and as the tutorial's `cifar_net.pth`);
+        `settings` is what serving needs besides them."""
 
     def set_description(self, markdown: str) -> None:
         pass

@@ -198,6 +198,11 @@ class Normalization:
         return torch.addcmul(shift, pixels, scale)
 
 
+# What the PyTorch tutorial's code feeds its network: ToTensor, then Normalize with 0.5 and 0.5.
+# The weights a run logs take their images this way, so the tutorial's own code can use them.
+TUTORIAL_NORMALIZATION = Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
 @functools.lru_cache(maxsize=16)
 def _normalization_factors(
     mean: tuple[float, ...],

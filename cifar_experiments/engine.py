@@ -212,6 +212,7 @@ class TrainingState:
     kept_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     epoch_start: dict[str, Any] = field(default_factory=dict)
+    last_val: Evaluation | None = None  # the last epoch's validation, for callbacks to show
 
     @classmethod
     def create(
@@ -265,12 +266,13 @@ class TrainingState:
             "train/images_per_second": taken / seconds,
         }
 
-    def end_epoch(self, metrics: dict[str, float], val_accuracy: float) -> None:
-        """Record the epoch just trained, keep its weights if `keep_epoch` says so, and move
-        on to the next."""
+    def end_epoch(self, metrics: dict[str, float], val: Evaluation) -> None:
+        """Record the epoch just trained and its validation, keep its weights if `keep_epoch`
+        says so, and move on to the next."""
         self.history.append({"epoch": self.epoch, **metrics})
-        if self.config.keep_epoch == "last" or val_accuracy > self.kept_accuracy:
-            self.kept_accuracy, self.kept_epoch = val_accuracy, self.epoch
+        self.last_val = val
+        if self.config.keep_epoch == "last" or val.accuracy > self.kept_accuracy:
+            self.kept_accuracy, self.kept_epoch = val.accuracy, self.epoch
             self.kept_weights = {
                 k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
             }
@@ -382,7 +384,7 @@ def fit(
         metrics.update({f"val/{name}": value for name, value in val.metrics().items()})
         metrics["train/epoch_seconds"] = time.perf_counter() - started
         epoch = state.epoch
-        state.end_epoch(metrics, val.accuracy)
+        state.end_epoch(metrics, val)
         # Every callback hears of the epoch, whichever asks to stop.
         stop_early = any([callback.on_epoch_end(state, epoch, metrics) for callback in callbacks])
     state.model.load_state_dict(state.kept_weights)
@@ -405,7 +407,7 @@ def evaluate(
     model.eval()
     images = runtime.put(images)
     loss_sum = torch.zeros((), device=runtime.device)
-    predictions = []
+    predictions, scores = [], []
     for batch, labels in data.batches(images, EVAL_BATCH_SIZE):
         with runtime.autocast():
             inputs = normalization(batch)
@@ -415,10 +417,13 @@ def evaluate(
                 else model(inputs).float().log_softmax(dim=-1)
             )
         loss_sum += nn.functional.nll_loss(log_proba, labels, reduction="sum")
-        predictions.append(log_proba.argmax(dim=1))
+        top = log_proba.max(dim=1)
+        predictions.append(top.indices)
+        scores.append(top.values.exp())
     return Evaluation(
         classes=classes,
         labels=images.labels.cpu().numpy(),
         predictions=torch.cat(predictions).cpu().numpy(),
+        scores=torch.cat(scores).cpu().numpy(),
         loss=loss_sum.item() / len(images),
     )

@@ -22,6 +22,7 @@ class Evaluation:
     classes: tuple[str, ...]
     labels: np.ndarray
     predictions: np.ndarray
+    scores: np.ndarray  # the probability the model gave each prediction
     loss: float
 
     @property
@@ -73,6 +74,28 @@ class Evaluation:
         scores.update({f"accuracy_{name}": acc for name, acc in self.per_class_accuracy().items()})
         return scores
 
+    def per_class_table(self) -> dict[str, list[Any]]:
+        """One row per class, as columns: the scores a sortable table shows, and the class
+        its images were most often taken for."""
+        report, counts = self.report(), self.confusion()
+        mistaken = counts - np.diag(np.diag(counts))
+        table: dict[str, list[Any]] = {
+            "class": [], "recall": [], "precision": [], "f1": [], "images": [],
+            "most_often_taken_for": [],
+        }  # fmt: skip
+        for i, name in enumerate(self.classes):
+            row = report[name]
+            table["class"].append(name)
+            table["recall"].append(round(row["recall"], 4))
+            table["precision"].append(round(row["precision"], 4))
+            table["f1"].append(round(row["f1-score"], 4))
+            table["images"].append(int(row["support"]))
+            taken_for = int(mistaken[i].argmax())
+            table["most_often_taken_for"].append(
+                self.classes[taken_for] if mistaken[i, taken_for] else None
+            )
+        return table
+
     def confusion_json(self) -> dict[str, Any]:
         counts = self.confusion()
         return {
@@ -95,6 +118,47 @@ class Evaluation:
             )
             ax.set_title(subtitle)
         fig.suptitle(f"{title}: accuracy {self.accuracy:.2%} on {len(self.labels)} images")
+        return fig
+
+    def shares_figure(self, title: str) -> Figure:
+        """The confusion matrix as shares of each true class: small enough to draw every
+        epoch, and on one colour scale from epoch to epoch."""
+        fig, ax = plt.subplots(figsize=(6.4, 5.6), layout="constrained")
+        ConfusionMatrixDisplay(_row_normalize(self.confusion()), display_labels=self.classes).plot(
+            ax=ax, cmap="Blues", values_format=".2f", colorbar=False, xticks_rotation=45,
+            im_kw={"vmin": 0, "vmax": 1},
+        )  # fmt: skip
+        ax.set_title(f"{title}: accuracy {self.accuracy:.2%}")
+        return fig
+
+    def mistakes_figure(self, images: np.ndarray, title: str, count: int = 24) -> Figure | None:
+        """The `count` mistakes made with the highest scores, each image with its true class,
+        the class predicted and the score; None when there is no mistake.
+
+        `images` are the evaluated images, uint8 (N, 3, H, W).
+        """
+        wrong = np.flatnonzero(self.labels != self.predictions)
+        if not len(wrong):
+            return None
+        shown = wrong[np.argsort(-self.scores[wrong], kind="stable")][:count]
+        columns = 8
+        rows = -(-len(shown) // columns)
+        fig, axes = plt.subplots(
+            rows, columns, figsize=(columns * 1.5, rows * 1.85), squeeze=False, layout="constrained"
+        )
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, i in zip(axes.flat, shown, strict=False):
+            ax.imshow(images[i].transpose(1, 2, 0), interpolation="nearest")
+            ax.set_title(
+                f"{self.classes[self.labels[i]]}\n-> {self.classes[self.predictions[i]]} "
+                f"{self.scores[i]:.0%}",
+                fontsize=8,
+            )
+        fig.suptitle(
+            f"{title}: the {len(shown)} most confident of {len(wrong)} mistakes "
+            "(true class -> predicted class, score)"
+        )
         return fig
 
 

@@ -182,7 +182,7 @@ def run(
     with deferred, progress:
         fit = engine.fit(state, prepared.val, [*plugged, *callbacks])
     tracker.log_metrics({tracking.BEST_VAL_METRIC: fit.kept_val.accuracy}, step=fit.kept_epoch)
-    tracker.log_evaluation("val", fit.kept_val)
+    tracker.log_evaluation("val", fit.kept_val, prepared.val)
     tracker.log_figure(curves_figure(fit.history), "training_curves.png")
     test = None
     if dataset.test is not None:
@@ -190,12 +190,17 @@ def run(
         tracker.log_metrics(
             {f"test/{k}": v for k, v in test.metrics().items()}, step=fit.kept_epoch
         )
-        tracker.log_evaluation("test", test)
+        tracker.log_evaluation("test", test, dataset.test)
+    # The weights take images normalised as the tutorial's code does, whatever training used.
+    logged = data.TUTORIAL_NORMALIZATION
     tracker.log_model(
-        state.model,
-        serving.settings(config.model, dataset.classes, state.normalization),
+        models.weights_for_inputs(
+            state.model, (state.normalization.mean, state.normalization.std),
+            (logged.mean, logged.std),
+        ),
+        serving.settings(config.model, dataset.classes, logged),
         example_png=data.encode_png(prepared.val.images[0]),
-    )
+    )  # fmt: skip
     tracker.set_description(_description(prepared, fit, test))
     return Summary(
         run_id=tracker.run_id,

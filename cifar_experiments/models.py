@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,11 @@ class CifarNet(nn.Module):
     def init_from_data(self, images: torch.Tensor) -> None:
         """Data-dependent initialisation from normalised training images; most need none."""
 
+    def input_layer(self) -> nn.Conv2d:
+        """The convolution that sees the normalised images, without padding (see
+        `weights_for_inputs`)."""
+        raise NotImplementedError
+
     def begin_epoch(self, epoch: int) -> None:
         """Called as each training epoch (1-based) begins: a network may freeze parameters."""
 
@@ -37,6 +43,9 @@ class Net(CifarNet):
         self.fc1 = nn.Linear(16 * 5 * 5, 120)
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, num_classes)
+
+    def input_layer(self) -> nn.Conv2d:
+        return self.conv1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The tutorial writes pool(relu(conv)); max-pooling and ReLU commute, and pooling
@@ -77,6 +86,9 @@ class Airbench(CifarNet):
             channels = width
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Linear(channels, num_classes, bias=False)
+
+    def input_layer(self) -> nn.Conv2d:
+        return self.whiten
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(F.gelu(self.whiten(x)))
@@ -138,6 +150,37 @@ def build_model(name: str, num_classes: int = 10) -> CifarNet:
     except KeyError:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(_BUILDERS)}") from None
     return builder(num_classes=num_classes)
+
+
+@torch.no_grad()
+def weights_for_inputs(
+    model: CifarNet, trained_on: tuple[Sequence[float], Sequence[float]],
+    given: tuple[Sequence[float], Sequence[float]],
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The model's weights, on the CPU, for images normalised with `given` (mean, std per
+    channel) when it was trained on `trained_on`.
+
+    Normalisation is affine per channel, so the first convolution can take the difference:
+    its filters are scaled per input channel and its bias absorbs the shift. This is exact
+    because that convolution has no padding: every window it sees holds only image values.
+    """
+    layer = model.input_layer()
+    if layer.padding not in ((0, 0), "valid"):
+        raise ValueError(f"{type(model).__name__}'s input layer pads its input")
+    (old_mean, old_std), (new_mean, new_std) = (
+        (torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64))
+        for mean, std in (trained_on, given)
+    )
+    # x_trained = x_given * scale + shift, channel by channel.
+    scale = (new_std / old_std).view(1, -1, 1, 1)
+    shift = ((new_mean - old_mean) / old_std).view(1, -1, 1, 1)
+    weight = layer.weight.double()
+    name = next(n for n, module in model.named_modules() if module is layer)
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    weights[f"{name}.weight"] = (weight * scale).to(layer.weight.dtype).cpu()
+    bias = layer.bias.double() + (weight * shift).sum(dim=(1, 2, 3))
+    weights[f"{name}.bias"] = bias.to(layer.bias.dtype).cpu()
+    return weights
 
 
 def model_names() -> tuple[str, ...]:

@@ -27,8 +27,9 @@ from mlflow.types.schema import ColSpec, Schema
 
 from . import data, models
 
-# Bounds on one request, so that no request can exhaust the server's memory.
-MAX_IMAGES = 512
+# A bound on each image, so that no single file can exhaust memory as it is decoded
+# (data.decode_image also bounds its pixels). A request of any length is worked through in
+# chunks of PREDICT_BATCH images, so only one chunk is ever decoded at a time.
 MAX_IMAGE_BYTES = 8 * 1024 * 1024
 BASE64_TEXT = re.compile(rb"^[A-Za-z0-9+/]+={0,2}$")
 
@@ -55,10 +56,14 @@ class CifarClassifier(mlflow.pyfunc.PythonModel):
         self._net = net.eval()
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> pd.DataFrame:
-        images = [_decode(value, row) for row, value in enumerate(_column(model_input))]
+        """Labels for a DataFrame of any length (pandas, a Spark UDF's batches)."""
+        column = _column(model_input).tolist()
         chunks = [
-            self._probabilities(torch.stack(images[i : i + PREDICT_BATCH]))
-            for i in range(0, len(images), PREDICT_BATCH)
+            self._probabilities(
+                torch.stack([_decode(value, start + i) for i, value in enumerate(chunk)])
+            )
+            for start in range(0, len(column), PREDICT_BATCH)
+            if (chunk := column[start : start + PREDICT_BATCH])
         ]
         return self._rows(torch.cat(chunks) if chunks else torch.empty(0, len(self.classes)))
 
@@ -162,8 +167,6 @@ def _column(model_input: pd.DataFrame) -> pd.Series:
             f"expected a column {IMAGE_COLUMN!r} of encoded images (PNG or JPEG bytes; base64 "
             "in JSON bodies)"
         )
-    if len(model_input) > MAX_IMAGES:
-        raise BadRequest(f"{len(model_input)} images in one request; send at most {MAX_IMAGES}")
     return model_input[IMAGE_COLUMN]
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import mlflow
+import numpy as np
 import torch
 from filelock import FileLock
 from matplotlib import pyplot as plt
@@ -33,7 +34,8 @@ from mlflow.exceptions import MlflowException
 from . import serving
 from .callbacks import Tracker
 from .config import TrainConfig
-from .data import Dataset
+from .data import Dataset, ImageSet
+from .engine import TrainingState
 from .evaluation import Evaluation
 from .interrupts import Interrupted
 
@@ -52,6 +54,8 @@ SQLITE_PREFIX = "sqlite:///"
 CHECKPOINT_TAG = "checkpoint"
 PROCESS_TAG = "process"
 CHECKPOINT_ARTIFACT_DIR = "checkpoint"
+# The validation confusion matrix of each epoch, as an image with a step.
+EPOCH_CONFUSION_KEY = "val_confusion_matrix"
 # MLflow's UI opens an experiment in its GenAI mode unless told it is for model training.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
@@ -115,25 +119,38 @@ class MlflowTracker(Tracker):
         meta = MetaDataset(source=source, name=dataset.name, digest=dataset.digest)
         mlflow.log_input(meta, context="training")
 
-    def log_evaluation(self, split: str, evaluation: Evaluation) -> None:
+    def on_epoch_end(self, state: TrainingState, epoch: int, metrics: dict[str, float]) -> None:
+        super().on_epoch_end(state, epoch, metrics)
+        # The UI's image slider then shows the matrix forming, epoch by epoch.
+        if epoch > self._logged_through.get("val/accuracy", -1):
+            figure = state.last_val.shares_figure(f"validation, epoch {epoch}")
+            mlflow.log_image(_pixels(figure), key=EPOCH_CONFUSION_KEY, step=epoch)
+
+    def log_evaluation(self, split: str, evaluation: Evaluation, images: ImageSet) -> None:
         folder = f"evaluation/{split}"
         mlflow.log_dict(evaluation.confusion_json(), f"{folder}/confusion_matrix.json")
         mlflow.log_dict(evaluation.report(), f"{folder}/classification_report.json")
         mlflow.log_text(evaluation.report_text(), f"{folder}/classification_report.txt")
+        mlflow.log_table(evaluation.per_class_table(), f"{folder}/per_class.json")
         self.log_figure(
             evaluation.confusion_figure(f"{split} confusion matrix"),
             f"{folder}/confusion_matrix.png",
         )
+        mistakes = evaluation.mistakes_figure(images.images.cpu().numpy(), f"{split} split")
+        if mistakes is not None:
+            self.log_figure(mistakes, f"{folder}/confident_mistakes.png")
 
     def log_figure(self, figure: Figure, path: str) -> None:
         mlflow.log_figure(figure, path)
         plt.close(figure)
 
-    def log_model(self, net: torch.nn.Module, settings: dict[str, Any], example_png: bytes) -> None:
+    def log_model(
+        self, weights: dict[str, torch.Tensor], settings: dict[str, Any], example_png: bytes
+    ) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            weights = Path(tmp) / WEIGHTS_FILE
-            torch.save({k: v.cpu() for k, v in net.state_dict().items()}, weights)
-            mlflow.log_artifact(str(weights))
+            weights_file = Path(tmp) / WEIGHTS_FILE
+            torch.save(weights, weights_file)
+            mlflow.log_artifact(str(weights_file))
             settings_file = Path(tmp) / "classifier.json"
             settings_file.write_text(json.dumps(settings))
             package = Path(__file__).parent
@@ -141,7 +158,7 @@ class MlflowTracker(Tracker):
                 name=MODEL_NAME,
                 python_model=str(package / "pyfunc_entry.py"),
                 artifacts={
-                    serving.WEIGHTS_ARTIFACT: str(weights),
+                    serving.WEIGHTS_ARTIFACT: str(weights_file),
                     serving.SETTINGS_ARTIFACT: str(settings_file),
                 },
                 code_paths=[str(package)],
@@ -152,6 +169,14 @@ class MlflowTracker(Tracker):
 
     def set_description(self, markdown: str) -> None:
         mlflow.set_tag("mlflow.note.content", markdown)
+
+
+def _pixels(figure: Figure) -> np.ndarray:
+    """A figure drawn as RGB pixels, and closed."""
+    figure.canvas.draw()
+    pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(figure)
+    return pixels
 
 
 @contextmanager

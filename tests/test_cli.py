@@ -98,6 +98,24 @@ def test_artifacts_model_dataset_and_description(in_finished_store):
     assert len(dataset_input.dataset.digest) == 16
 
 
+def test_pictures_the_ui_shows_over_epochs_and_per_class(in_finished_store):
+    _, client, run_id = in_finished_store
+    paths = artifact_paths(client, run_id)
+    # One confusion matrix per epoch, for the UI's image slider (file names carry the step).
+    epoch_images = sorted(p for p in paths if p.startswith("images/val_confusion_matrix+step+"))
+    steps = {p.split("+step+")[1].split("+")[0] for p in epoch_images}
+    assert steps == {"1", "2"}
+    assert client.get_run(run_id).data.tags["mlflow.loggedImages"] == "True"
+    for split in ("val", "test"):
+        assert f"evaluation/{split}/confident_mistakes.png" in paths
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=f"evaluation/{split}/per_class.json"
+        )
+        table = pd.read_json(local, orient="split")
+        assert list(table["class"]) == list(CLASSES)
+        assert {"recall", "precision", "f1", "images", "most_often_taken_for"} <= set(table)
+
+
 def test_logged_model_labels_png_and_jpeg_bytes(in_finished_store):
     _, _, run_id = in_finished_store
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
@@ -113,14 +131,76 @@ def test_logged_model_labels_png_and_jpeg_bytes(in_finished_store):
     assert signature.inputs.input_names() == ["image"]
 
 
-def test_tutorial_weights_file_loads_into_the_tutorial_net(in_finished_store):
-    import torch
-
-    from cifar_experiments.models import Net
+def test_logged_model_labels_a_frame_of_any_length_as_it_labels_its_parts(in_finished_store):
+    from cifar_experiments.serving import PREDICT_BATCH
 
     _, _, run_id = in_finished_store
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="cifar_net.pth")
-    Net(num_classes=3).load_state_dict(torch.load(path, weights_only=True))
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    images = [encode(image, "PNG") for image in synthetic_images(50, 1, 7)]
+    frame = pd.DataFrame({"image": images * 21})  # 1,050 rows: several chunks and a rest
+    assert len(frame) > 4 * PREDICT_BATCH
+    whole = model.predict(frame)
+    assert len(whole) == len(frame)
+    part = model.predict(frame.iloc[:50])
+    pd.testing.assert_frame_equal(whole.iloc[1000:].reset_index(drop=True), part)
+
+
+def test_the_tutorials_own_code_scores_the_weights_file_as_the_run_does(
+    in_finished_store, image_folder
+):
+    """cifar_net.pth in the PyTorch tutorial's network, transforms and test loop, as written
+    there, labels the test images as the run's network does (without test-time flips)."""
+    import torch
+    import torch.nn.functional as F
+    import torchvision
+    from torch import nn
+    from torchvision import transforms
+
+    from cifar_experiments import data, engine, models
+
+    class Net(nn.Module):  # the tutorial's, but for 3 classes
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 6, 5)
+            self.pool = nn.MaxPool2d(2, 2)
+            self.conv2 = nn.Conv2d(6, 16, 5)
+            self.fc1 = nn.Linear(16 * 5 * 5, 120)
+            self.fc2 = nn.Linear(120, 84)
+            self.fc3 = nn.Linear(84, len(CLASSES))
+
+        def forward(self, x):
+            x = self.pool(F.relu(self.conv1(x)))
+            x = self.pool(F.relu(self.conv2(x)))
+            x = torch.flatten(x, 1)
+            x = F.relu(self.fc1(x))
+            x = F.relu(self.fc2(x))
+            return self.fc3(x)
+
+    _, _, run_id = in_finished_store
+    PATH = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="cifar_net.pth")
+    transform = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
+    )
+    testset = torchvision.datasets.ImageFolder(str(image_folder / "test"), transform=transform)
+    testloader = torch.utils.data.DataLoader(testset, batch_size=4, shuffle=False)
+    net = Net()
+    net.load_state_dict(torch.load(PATH))
+    tutorial_predictions = []
+    with torch.no_grad():
+        for images, _ in testloader:
+            outputs = net(images)
+            _, predicted = torch.max(outputs.data, 1)
+            tutorial_predictions += predicted.tolist()
+
+    ours = models.build_model("tutorial", num_classes=len(CLASSES))
+    ours.load_state_dict(torch.load(PATH))
+    test = data.load_dataset(image_folder).test
+    evaluation = engine.evaluate(
+        ours, test, CLASSES, data.TUTORIAL_NORMALIZATION, engine.Runtime.resolve("cpu", "fp32"),
+        tta=False,
+    )  # fmt: skip
+    assert testset.classes == list(CLASSES)
+    assert tutorial_predictions == evaluation.predictions.tolist()
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@ from cifar_experiments.evaluation import Evaluation, curves_figure
 def make() -> Evaluation:
     labels = np.array([0, 0, 0, 0, 1, 1, 2, 2])
     predictions = np.array([0, 0, 0, 1, 1, 0, 2, 2])
-    return Evaluation(("a", "b", "c"), labels, predictions, loss=0.5)
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.95, 0.4, 0.3])
+    return Evaluation(("a", "b", "c"), labels, predictions, scores, loss=0.5)
 
 
 def test_confusion_rows_are_true_classes():
@@ -41,3 +42,22 @@ def test_figures_are_drawn(tmp_path):
     curves_figure(history).savefig(tmp_path / "curves.png")
     assert (tmp_path / "cm.png").stat().st_size > 1000
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_per_class_table_has_a_row_per_class_and_what_each_is_taken_for():
+    table = make().per_class_table()
+    assert table["class"] == ["a", "b", "c"]
+    assert table["recall"] == [0.75, 0.5, 1.0]
+    assert table["images"] == [4, 2, 2]
+    assert table["most_often_taken_for"] == ["b", "a", None]
+
+
+def test_mistakes_gallery_shows_the_most_confident_mistakes_first(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (8, 3, 32, 32), dtype=np.uint8)
+    figure = make().mistakes_figure(images, "test", count=1)
+    titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
+    assert titles == ["b\n-> a 95%"]  # image 5 (0.95) before image 3 (0.6)
+    assert "1 most confident of 2 mistakes" in figure._suptitle.get_text()
+    right = make()
+    right = Evaluation(right.classes, right.labels, right.labels, right.scores, right.loss)
+    assert right.mistakes_figure(images, "test") is None

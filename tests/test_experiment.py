@@ -19,7 +19,7 @@ def test_a_run_records_through_its_tracker_only(image_folder):
         def log_params(self, params):
             self.params = params
 
-        def log_model(self, net, settings, example_png):
+        def log_model(self, weights, settings, example_png):
             self.settings = settings
 
     config = TrainConfig(epochs=2, batch_size=8, data=str(image_folder))

@@ -90,3 +90,25 @@ def test_airbench_tta_adds_shifted_views_at_half_weight():
         expected = 0.5 * probas[0] + 0.25 * probas[1] + 0.25 * probas[2]
         got = models.predict_log_proba(net, x).exp()
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("name", ["tutorial", "airbench"])
+def test_weights_for_other_inputs_give_the_same_outputs(name):
+    """Folding a change of normalisation into the first convolution is exact: the network
+    answers the same for the same pixels, however they are normalised."""
+    from cifar_experiments.data import Normalization
+
+    torch.manual_seed(0)
+    pixels = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    trained_on = Normalization((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
+    given = Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    net = models.build_model(name).eval()
+    net.init_from_data(trained_on(pixels))
+    folded = models.build_model(name).eval()
+    folded.load_state_dict(
+        models.weights_for_inputs(net, (trained_on.mean, trained_on.std), (given.mean, given.std))
+    )
+    with torch.no_grad():
+        expected = models.predict_log_proba(net, trained_on(pixels))
+        answered = models.predict_log_proba(folded, given(pixels))
+    torch.testing.assert_close(answered, expected, atol=2e-5, rtol=1e-5)

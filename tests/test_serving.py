@@ -21,8 +21,6 @@ from helpers import (
 )  # fmt: skip
 from PIL import Image
 
-from cifar_experiments import serving
-
 
 @pytest.fixture(scope="module")
 def server(finished_run, tmp_path_factory):
@@ -66,8 +64,6 @@ BAD_REQUESTS = {
     "wrong column": ({"dataframe_split": {"columns": ["img"], "data": [[b64(PNG)]]}}, "image"),
     "too large to decode": ({"dataframe_records": [{"image": b64(huge_canvas())}]},
                             "too large to decode safely"),
-    "too many images": ({"inputs": {"image": [b64(PNG)] * (serving.MAX_IMAGES + 1)}},
-                        "send at most"),
     "bad base64 in inputs": ({"inputs": {"image": ["bm90IGJhc2U2NA=x"]}}, "row 0"),
 }  # fmt: skip
 

@@ -14,8 +14,6 @@ import pytest
 from helpers import JPEG, PNG, assert_labels, b64, post, serve
 from PIL import Image
 
-from cifar_experiments import serving
-
 pytestmark = pytest.mark.slow
 
 ROUNDS = 4  # each round sends every kind below once, with fresh random content
@@ -78,7 +76,6 @@ def malformed_bodies(rng: random.Random) -> dict[str, tuple[bytes, str]]:
         "decompression bomb": image_rows(b64(png_declaring(30_000, 30_000))),
         "zero-size image": image_rows(b64(png_declaring(0, 0))),
         "one good, one bad": image_rows(b64(PNG), b64(noise)),
-        "too many images": image_rows(*[b64(PNG)] * (serving.MAX_IMAGES + 1)),
     }  # fmt: skip
 
 
