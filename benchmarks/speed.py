@@ -29,11 +29,10 @@ from pathlib import Path
 
 import mlflow
 import torch
-import torch.nn.functional as F
-import torchvision.transforms as T
+import tutorial
 from PIL import Image
 
-from cifar_experiments import data, engine, experiment, models, speedups, tracking
+from cifar_experiments import data, engine, experiment, speedups, tracking
 from cifar_experiments.callbacks import Tracker
 from cifar_experiments.config import TrainConfig
 
@@ -42,30 +41,17 @@ RESULTS_START, RESULTS_END = "<!-- results -->", "<!-- /results -->"
 
 
 class TutorialDataset(torch.utils.data.Dataset):
-    """What torchvision's CIFAR10 does per item: array -> PIL image -> transform."""
+    """What torchvision's CIFAR10 does per item: array -> PIL image -> the tutorial's transform."""
 
     def __init__(self, images: data.ImageSet) -> None:
         self.arrays = images.images.permute(0, 2, 3, 1).numpy()
         self.labels = images.labels.tolist()
-        self.transform = T.Compose([T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(Image.fromarray(self.arrays[i])), self.labels[i]
-
-
-class TutorialNet(models.Net):
-    """The tutorial's forward pass as it writes it: ReLU before each pooling."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return self.fc3(x)
+        return tutorial.transform(Image.fromarray(self.arrays[i])), self.labels[i]
 
 
 def tutorial_epoch(train: data.ImageSet) -> float:
@@ -73,21 +59,7 @@ def tutorial_epoch(train: data.ImageSet) -> float:
     loader = torch.utils.data.DataLoader(
         TutorialDataset(train), batch_size=4, shuffle=True, num_workers=2
     )
-    net = TutorialNet()
-    criterion = torch.nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9)
-    started = time.perf_counter()
-    running_loss = 0.0
-    for i, (inputs, labels) in enumerate(loader):
-        optimizer.zero_grad()
-        loss = criterion(net(inputs), labels)
-        loss.backward()
-        optimizer.step()
-        running_loss += loss.item()
-        if i % 2000 == 1999:
-            print(f"  [tutorial, {i + 1:5d}] loss: {running_loss / 2000:.3f}", flush=True)
-            running_loss = 0.0
-    return time.perf_counter() - started
+    return tutorial.train_epoch(tutorial.Net(), loader)
 
 
 @dataclass

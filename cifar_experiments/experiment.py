@@ -187,9 +187,13 @@ def run(
     test = None
     if dataset.test is not None:
         test = state.evaluate(dataset.test)
+        # What the network scores alone, as the tutorial's test loop would score it.
+        single_view = state.evaluate(dataset.test, tta=False).accuracy
         tracker.log_metrics(
-            {f"test/{k}": v for k, v in test.metrics().items()}, step=fit.kept_epoch
-        )
+            {**{f"test/{k}": v for k, v in test.metrics().items()},
+             "test/accuracy_without_tta": single_view},
+            step=fit.kept_epoch,
+        )  # fmt: skip
         tracker.log_evaluation("test", test, dataset.test)
     # The weights take images normalised as the tutorial's code does, whatever training used.
     logged = data.TUTORIAL_NORMALIZATION

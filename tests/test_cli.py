@@ -77,7 +77,8 @@ def test_metric_histories_have_steps(finished_run):
                  "train/epoch_seconds", "train/images_per_second", "val/accuracy_cat"):  # fmt: skip
         assert [s for s, _ in history(name)] == [1, 2], name
     for name in ("test/loss", "test/accuracy", "test/precision_macro", "test/recall_macro",
-                 "test/f1_macro", *(f"test/accuracy_{c}" for c in CLASSES)):  # fmt: skip
+                 "test/f1_macro", "test/accuracy_without_tta",
+                 *(f"test/accuracy_{c}" for c in CLASSES)):  # fmt: skip
         assert len(history(name)) == 1, name
 
 
@@ -148,59 +149,28 @@ def test_logged_model_labels_a_frame_of_any_length_as_it_labels_its_parts(in_fin
 def test_the_tutorials_own_code_scores_the_weights_file_as_the_run_does(
     in_finished_store, image_folder
 ):
-    """cifar_net.pth in the PyTorch tutorial's network, transforms and test loop, as written
+    """cifar_net.pth in the PyTorch tutorial's network, transform and test loop, as written
     there, labels the test images as the run's network does (without test-time flips)."""
     import torch
-    import torch.nn.functional as F
-    import torchvision
-    from torch import nn
-    from torchvision import transforms
+    import tutorial
 
     from cifar_experiments import data, engine, models
 
-    class Net(nn.Module):  # the tutorial's, but for 3 classes
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 6, 5)
-            self.pool = nn.MaxPool2d(2, 2)
-            self.conv2 = nn.Conv2d(6, 16, 5)
-            self.fc1 = nn.Linear(16 * 5 * 5, 120)
-            self.fc2 = nn.Linear(120, 84)
-            self.fc3 = nn.Linear(84, len(CLASSES))
-
-        def forward(self, x):
-            x = self.pool(F.relu(self.conv1(x)))
-            x = self.pool(F.relu(self.conv2(x)))
-            x = torch.flatten(x, 1)
-            x = F.relu(self.fc1(x))
-            x = F.relu(self.fc2(x))
-            return self.fc3(x)
-
     _, _, run_id = in_finished_store
-    PATH = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="cifar_net.pth")
-    transform = transforms.Compose(
-        [transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
-    )
-    testset = torchvision.datasets.ImageFolder(str(image_folder / "test"), transform=transform)
-    testloader = torch.utils.data.DataLoader(testset, batch_size=4, shuffle=False)
-    net = Net()
-    net.load_state_dict(torch.load(PATH))
-    tutorial_predictions = []
-    with torch.no_grad():
-        for images, _ in testloader:
-            outputs = net(images)
-            _, predicted = torch.max(outputs.data, 1)
-            tutorial_predictions += predicted.tolist()
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="cifar_net.pth")
+    testloader = tutorial.image_folder_loader(str(image_folder / "test"), num_workers=0)
+    assert testloader.dataset.classes == list(CLASSES)
+    theirs = tutorial.predict_test_set(path, testloader, len(CLASSES))
 
     ours = models.build_model("tutorial", num_classes=len(CLASSES))
-    ours.load_state_dict(torch.load(PATH))
-    test = data.load_dataset(image_folder).test
+    ours.load_state_dict(torch.load(path))
     evaluation = engine.evaluate(
-        ours, test, CLASSES, data.TUTORIAL_NORMALIZATION, engine.Runtime.resolve("cpu", "fp32"),
-        tta=False,
+        ours, data.load_dataset(image_folder).test, CLASSES, data.TUTORIAL_NORMALIZATION,
+        engine.Runtime.resolve("cpu", "fp32"), tta=False,
     )  # fmt: skip
-    assert testset.classes == list(CLASSES)
-    assert tutorial_predictions == evaluation.predictions.tolist()
+    assert theirs == evaluation.predictions.tolist()
+    run = mlflow.get_run(run_id)
+    assert run.data.metrics["test/accuracy_without_tta"] == evaluation.accuracy
 
 
 @pytest.mark.parametrize(
