@@ -87,7 +87,9 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", args.model_uri,
                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
-    with subprocess.Popen(command, env=os.environ, stdout=subprocess.DEVNULL,
+    # The server starts `uvicorn` from PATH: this interpreter's, whether or not it is active.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    with subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL) as server:  # fmt: skip
         try:
             wait_until_up(url, server)
