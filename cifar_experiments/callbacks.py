@@ -57,6 +57,9 @@ class Tracker(Callback):
     def log_dataset(self, dataset: Dataset) -> None:
         pass
 
+    def log_confusion(self, val: Evaluation, epoch: int) -> None:
+        """The validation confusion matrix after `epoch` (0: before training)."""
+
     def log_evaluation(self, split: str, evaluation: Evaluation, images: ImageSet) -> None:
         """How the model did on `split`, whose images are `images`."""
 

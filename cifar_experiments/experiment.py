@@ -172,6 +172,8 @@ def run(
     if resumption is None:
         tracker.log_params(_params(prepared, state))
         tracker.log_dataset(dataset)
+        # The untrained network too: MLflow's image slider opens at step 0.
+        tracker.log_confusion(state.evaluate(prepared.val, tta=False), epoch=0)
     else:
         state.load_state_dict(resumption.state["training"])
     progress = ProgressBar(progress_bars)

@@ -206,8 +206,10 @@ def predict_log_proba(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         views += [(padded[..., :h, :w], 0.5), (padded[..., 2:, 2:], 0.5)]
     log_probas, log_weights = [], []
     for view, weight in views:
-        for oriented in (view, view.flip(-1)):
-            log_probas.append(model(oriented).float().log_softmax(dim=-1))
-            log_weights.append(math.log(weight))
+        # A view and its mirror image in one call: for one image, as served, that halves the
+        # time (the call's overhead outweighs the tutorial Net's arithmetic).
+        both = model(torch.cat([view, view.flip(-1)])).float().log_softmax(dim=-1)
+        log_probas += both.chunk(2)
+        log_weights += [math.log(weight)] * 2
     weights = torch.tensor(log_weights, device=inputs.device).log_softmax(dim=0)
     return (torch.stack(log_probas) + weights.view(-1, 1, 1)).logsumexp(dim=0)

@@ -121,10 +121,13 @@ class MlflowTracker(Tracker):
 
     def on_epoch_end(self, state: TrainingState, epoch: int, metrics: dict[str, float]) -> None:
         super().on_epoch_end(state, epoch, metrics)
-        # The UI's image slider then shows the matrix forming, epoch by epoch.
         if epoch > self._logged_through.get("val/accuracy", -1):
-            figure = state.last_val.shares_figure(f"validation, epoch {epoch}")
-            mlflow.log_image(_pixels(figure), key=EPOCH_CONFUSION_KEY, step=epoch)
+            self.log_confusion(state.last_val, epoch)
+
+    def log_confusion(self, val: Evaluation, epoch: int) -> None:
+        # One image per epoch under one key: the UI's image slider shows the matrix forming.
+        figure = val.shares_figure(f"validation, epoch {epoch}")
+        mlflow.log_image(_pixels(figure), key=EPOCH_CONFUSION_KEY, step=epoch)
 
     def log_evaluation(self, split: str, evaluation: Evaluation, images: ImageSet) -> None:
         folder = f"evaluation/{split}"
