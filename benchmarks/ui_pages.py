@@ -124,23 +124,17 @@ class Page:
 def run_pages(experiment_id: str, run_id: str, run_name: str) -> list[Page]:
     """The pages people look at for a finished run, in the model-training view."""
     run = f"#/experiments/{experiment_id}/runs/{run_id}"
+
+    def charts(name: str, search: str, metric: str) -> Page:
+        """The run's metric charts that `search` finds, one of them `metric`'s, drawn."""
+        path, texts = f"{run}/model-metrics{TRAINING_VIEW}", (f"{run_name} ({metric})",)
+        return Page(name, path, texts, lambda driver: _charts_with_lines(driver) >= 1, search)
+
     return [
         Page("experiment", f"#/experiments/{experiment_id}{TRAINING_VIEW}", (run_name, "Runs")),
         Page("run", f"{run}{TRAINING_VIEW}", (run_name, "Overview", "Model metrics", "lr")),
-        Page(
-            "training-charts",
-            f"{run}/model-metrics{TRAINING_VIEW}",
-            (f"{run_name} (train/loss)",),
-            lambda driver: _charts_with_lines(driver) >= 2,
-            search="train/",
-        ),
-        Page(
-            "accuracy-charts",
-            f"{run}/model-metrics{TRAINING_VIEW}",
-            (f"{run_name} (val/accuracy)",),
-            lambda driver: _charts_with_lines(driver) >= 1,
-            search="val/accuracy",
-        ),
+        charts("training-charts", "train/", "train/loss"),
+        charts("accuracy-charts", "val/accuracy", "val/accuracy"),
         Page(
             "confusion-matrix",
             f"{run}/artifacts/evaluation/val/confusion_matrix.png{TRAINING_VIEW}",
