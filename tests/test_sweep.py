@@ -81,6 +81,10 @@ def test_a_sweep_nests_its_trials_and_registers_only_the_best(image_folder, tmp_
     champion = mlflow.MlflowClient().get_model_version_by_alias("cifar10-classifier", "champion")
     assert champion.version == version.version
     assert f"Best: trial {best_run.data.tags[sweep.TRIAL_TAG]}" in result.output
+    parent_page = f"#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+    assert f"then open http://127.0.0.1:5000/{parent_page}?workflowType=machine_learning" in (
+        result.output
+    )
 
 
 def test_a_pruned_trial_stops_early_and_finishes_tagged_pruned(image_folder, monkeypatch):

@@ -75,3 +75,32 @@ def test_finding_runs_and_the_store(tmp_path, monkeypatch):
     assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'relative.db'}"
     tracking.check_store()  # creates the store's tables, under its lock
     assert (tmp_path / "relative.db").is_file()
+
+
+def test_the_ui_address_printed_is_the_servers_own_or_the_command_that_starts_one(monkeypatch):
+    page = "#/experiments/3/runs/abc?workflowType=machine_learning"
+    mlflow.set_tracking_uri("http://alice:s3cret@tracking.example:5000/")
+    assert tracking.browse(page) == f"open http://tracking.example:5000/{page}"
+    mlflow.set_tracking_uri("sqlite:////data/mlflow.db")
+    assert tracking.browse(page) == (
+        f"mlflow ui --backend-store-uri sqlite:////data/mlflow.db, then open "
+        f"http://127.0.0.1:5000/{page}"
+    )
+
+
+def test_experiments_used_are_marked_for_model_training_once_and_never_overwritten():
+    with tracking.mlflow_run(TrainConfig(experiment_name="t")) as tracker:
+        pass
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_run(tracker.run_id).info.experiment_id
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == (
+        "custom_model_development"
+    )
+    assert tracking.run_page(tracker.run_id) == (
+        f"#/experiments/{experiment_id}/runs/{tracker.run_id}?workflowType=machine_learning"
+    )
+    client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "genai_development")
+    tracking.mark_as_training(experiment_id)  # someone chose otherwise: theirs to keep
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == (
+        "genai_development"
+    )
