@@ -1,0 +1,277 @@
+"""A team's tracking stack on loopback, started for these tests and stopped after: PostgreSQL 15
+(tracking store, users, Optuna), moto's S3 server (the artifact bucket) and `mlflow server`
+with the basic-auth app, artifacts proxied to the bucket.
+
+Nothing is left running: each service stops at the end of the session, and a test that stops
+one (a fault) starts it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from helpers import free_port, local_env
+
+ADMIN, ADMIN_PASSWORD = "admin", "team-admin-pw-1"
+DB_PASSWORD = "pg-secret-7"
+BUCKET = "team-artifacts"
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+def _wait_until(check, what: str, process: subprocess.Popen | None = None, seconds: float = 120):
+    deadline = time.monotonic() + seconds
+    while not check():
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not come up within {seconds:.0f} s")
+        time.sleep(0.3)
+
+
+def _answers(url: str) -> bool:
+    try:
+        requests.get(url, timeout=2)
+        return True
+    except requests.ConnectionError:
+        return False
+
+
+def _stop_group(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop a server and every worker it started (they share its process group)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@dataclass
+class Postgres:
+    """A PostgreSQL cluster in a temporary folder, on a free loopback port."""
+
+    bin: Path
+    data: Path
+    port: int
+    as_postgres: list[str]  # runs a command as the `postgres` user when we are root
+
+    def url(self, database: str, driver: str = "postgresql+psycopg") -> str:
+        return f"{driver}://postgres:{DB_PASSWORD}@127.0.0.1:{self.port}/{database}"
+
+    def pg_ctl(self, *args: str) -> None:
+        subprocess.run([*self.as_postgres, str(self.bin / "pg_ctl"), "-D", str(self.data),
+                        "-w", "-s", *args], check=True, capture_output=True)  # fmt: skip
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1"
+        self.pg_ctl("-o", options, "-l", str(self.data / "server.log"), "start")
+
+    def stop(self) -> None:
+        self.pg_ctl("-m", "fast", "stop")
+
+    def create_database(self, name: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url("postgres", "postgresql"), autocommit=True) as db:
+            db.execute(f'CREATE DATABASE "{name}"')
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    binaries = _postgres_bin()
+    if binaries is None:
+        pytest.skip("PostgreSQL is not installed (.ci/run installs Debian's postgresql)")
+    root = Path(tempfile.mkdtemp(prefix="team-pg-"))
+    as_postgres: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses root: the cluster belongs to `postgres`
+        user = pwd.getpwnam("postgres")
+        os.chown(root, user.pw_uid, user.pw_gid)
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    password_file = root / "password"
+    password_file.write_text(DB_PASSWORD)
+    if as_postgres:
+        os.chown(password_file, pwd.getpwnam("postgres").pw_uid, -1)
+    data = root / "data"
+    subprocess.run([*as_postgres, str(binaries / "initdb"), "-D", str(data), "-U", "postgres",
+                    "--auth=scram-sha-256", f"--pwfile={password_file}"],
+                   check=True, capture_output=True)  # fmt: skip
+    server = Postgres(binaries, data, free_port(), as_postgres)
+    server.start()
+    try:
+        for database in ("mlflow", "mlflow_users", "optuna"):
+            server.create_database(database)
+        yield server
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class Bucket:
+    """The team's bucket, on moto's S3 server."""
+
+    endpoint: str
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, **_boto_keys())
+
+    def keys(self) -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory) -> Iterator[Bucket]:
+    """moto's S3 server on loopback, holding the team's bucket."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = (tmp_path_factory.mktemp("s3") / "moto.log").open("w")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _wait_until(lambda: _answers(endpoint), "moto_server", server)
+        bucket = Bucket(endpoint)
+        bucket.client().create_bucket(Bucket=BUCKET)
+        yield bucket
+    finally:
+        _stop_group(server)
+        log.close()
+
+
+def _boto_keys() -> dict[str, str]:
+    return {"aws_access_key_id": S3_KEYS["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": S3_KEYS["AWS_SECRET_ACCESS_KEY"],
+            "region_name": S3_KEYS["AWS_DEFAULT_REGION"]}  # fmt: skip
+
+
+@dataclass
+class TrackingServer:
+    """`mlflow server` with logins, on PostgreSQL and the bucket; restartable (faults)."""
+
+    url: str
+    command: list[str]
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("a")
+        self.process = subprocess.Popen(
+            self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            _wait_until(lambda: _answers(f"{self.url}/health"), "mlflow server", self.process)
+        except RuntimeError as error:
+            raise RuntimeError(f"{error}: {self.log_path.read_text()[-3000:]}") from None
+
+    def kill(self) -> None:
+        """Gone at once, as a crash would leave it."""
+        _stop_group(self.process, signal.SIGKILL)
+
+    def stop(self) -> None:
+        _stop_group(self.process)
+
+    def user_env(self, username: str, password: str, **extra: str) -> dict[str, str]:
+        """What a team member sets to work against the server (README, "Team server")."""
+        return local_env(MLFLOW_TRACKING_URI=self.url, MLFLOW_TRACKING_USERNAME=username,
+                         MLFLOW_TRACKING_PASSWORD=password, **extra)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tracking_server(postgres, s3, tmp_path_factory) -> Iterator[TrackingServer]:
+    folder = tmp_path_factory.mktemp("team-server")
+    config = folder / "basic_auth.ini"
+    config.write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = {postgres.url('mlflow_users')}\n"
+        f"admin_username = {ADMIN}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+               "--backend-store-uri", postgres.url("mlflow"),
+               "--artifacts-destination", f"s3://{BUCKET}/artifacts"]  # fmt: skip
+    env = local_env(
+        MLFLOW_AUTH_CONFIG_PATH=str(config),
+        MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN_PASSWORD,
+        MLFLOW_S3_ENDPOINT_URL=s3.endpoint,
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+        # The login pages' CSRF tokens are signed with it; every worker must share it.
+        MLFLOW_FLASK_SERVER_SECRET_KEY="team-csrf-key",
+        **S3_KEYS,
+    )
+    server = TrackingServer(f"http://127.0.0.1:{port}", command, env, folder / "server.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def users(tracking_server) -> dict[str, str]:
+    """Team members and their passwords, made by the admin through MLflow's auth API."""
+    from mlflow.server.auth.client import AuthServiceClient
+
+    members = {"alice": "alice-password-1", "bob": "bob-password-22"}
+    with _admin_credentials():
+        client = AuthServiceClient(tracking_server.url)
+        for name, password in members.items():
+            client.create_user(name, password)
+    return members
+
+
+@contextlib.contextmanager
+def _admin_credentials() -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    os.environ.update(MLFLOW_TRACKING_USERNAME=ADMIN, MLFLOW_TRACKING_PASSWORD=ADMIN_PASSWORD)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def admin(tracking_server) -> Iterator[None]:
+    """MLflow's client in this process, as the admin, against the team server."""
+    import mlflow
+
+    with _admin_credentials():
+        mlflow.set_tracking_uri(tracking_server.url)
+        yield

@@ -1,0 +1,114 @@
+"""One tracking server for a team, as its members meet it: logins, runs in PostgreSQL,
+artifacts in the bucket, the registry, serving from the server, and a run resumed from
+another working directory."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import psycopg
+import pytest
+import requests
+from helpers import JPEG, b64, free_port, post, running
+
+pytestmark = [pytest.mark.slow, pytest.mark.team]
+
+TINY = ["--epochs", "2", "--batch-size", "8", "--log-every", "1"]
+LIMIT = 300  # seconds any one process may take
+
+
+def train(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "cifar_experiments", "train", *args]
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=LIMIT)  # fmt: skip
+
+
+def run_id_of(output: str) -> str:
+    return re.search(r"Run ([0-9a-f]{32}) finished", output).group(1)
+
+
+def test_anonymous_requests_are_refused(tracking_server):
+    answer = requests.get(f"{tracking_server.url}/api/2.0/mlflow/experiments/search",
+                          params={"max_results": 1}, timeout=30)  # fmt: skip
+    assert answer.status_code == 401
+
+
+def test_a_member_trains_registers_and_serves_through_the_server(
+    tracking_server, users, postgres, s3, image_folder, tmp_path
+):
+    env = tracking_server.user_env("alice", users["alice"])
+    done = train(env, tmp_path, *TINY, "--data", str(image_folder), "--experiment-name", "team")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_id = run_id_of(done.stdout)
+
+    # The address to open is the server's own page of the run.
+    last = done.stdout.strip().splitlines()[-1]
+    assert f"Browse it: open {tracking_server.url}/#/experiments/" in last
+    assert "mlflow ui" not in last and users["alice"] not in done.stdout + done.stderr
+
+    # The run is in PostgreSQL, made by alice, and its files are in the bucket.
+    with psycopg.connect(postgres.url("mlflow", "postgresql")) as db:
+        status, user = db.execute(
+            "SELECT status, user_id FROM runs WHERE run_uuid = %s", (run_id,)
+        ).fetchone()
+    assert (status, user) == ("FINISHED", "alice")
+    keys = s3.keys()
+    assert any(key.endswith(f"{run_id}/artifacts/cifar_net.pth") for key in keys)
+    assert any(f"{run_id}/artifacts/evaluation/val/" in key for key in keys)
+
+    # Registered, and served from the server by alias, as any member would serve it.
+    assert "Registered cifar10-classifier version" in done.stdout
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m",
+               "models:/cifar10-classifier@champion", "--env-manager", "local",
+               "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    with running(command, env, f"{url}/ping", tmp_path / "serve.log"):
+        status, answer = post(url, {"dataframe_records": [{"image": b64(JPEG)}]})
+    assert status == 200 and answer["predictions"][0]["label"]
+
+
+def test_a_run_stopped_on_one_machine_resumes_on_another(
+    tracking_server, users, image_folder, tmp_path_factory
+):
+    """Two working directories stand for two machines: the second has no checkpoint file,
+    and takes it from the bucket through the server."""
+    env = tracking_server.user_env("bob", users["bob"])
+    first, second = tmp_path_factory.mktemp("machine-a"), tmp_path_factory.mktemp("machine-b")
+    args = ["--epochs", "4", "--batch-size", "2", "--log-every", "1", "--data",
+            str(image_folder), "--experiment-name", "team"]  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cifar_experiments", "train", *args], env=env, cwd=first,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines = []
+    for line in process.stdout:  # stop it once its first epoch is checkpointed
+        lines.append(line)
+        if line.startswith("epoch 1/4"):
+            process.send_signal(signal.SIGINT)
+            break
+    lines += process.stdout.readlines()
+    assert process.wait(timeout=LIMIT) != 0
+    output = "".join(lines)
+    stopped = re.search(r"run ([0-9a-f]{32}) is KILLED", output)
+    assert stopped, output[-3000:]
+    run_id = stopped.group(1)
+    for leftover in (first / "checkpoints").glob("*"):
+        leftover.unlink()  # machine A's disk is not machine B's
+
+    done = train(env, second, "--resume", run_id, "--data", str(image_folder))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert run_id_of(done.stdout) == run_id
+    client = mlflow.MlflowClient(tracking_server.url)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
+        patch.setenv("MLFLOW_TRACKING_PASSWORD", users["bob"])
+        run = client.get_run(run_id)
+        steps = [m.step for m in client.get_metric_history(run_id, "val/accuracy")]
+    assert run.info.status == "FINISHED"
+    assert steps == [1, 2, 3, 4], "every epoch once, across the two machines"
