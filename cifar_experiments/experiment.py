@@ -250,18 +250,21 @@ def train(
     FINISHED and raises RegistrationFailed. `tags` go on a new run as it starts.
     """
     config, resumption = prepared.config, prepared.resumption
-    resume_run_id = resumption.run_id if resumption is not None else None
-    with tracking.mlflow_run(config, resume_run_id, tags) as tracker:
-        checkpoints = checkpoint.CheckpointFile(
-            Path(config.checkpoint_dir).resolve() / f"{tracker.run_id}.pt",
-            meta={"config": dataclasses.asdict(config), "data_digest": prepared.dataset.digest},
-        )
-        tracker.record_checkpoint(checkpoints.path)
-        try:
+    run_id = resumption.run_id if resumption is not None else None
+    try:
+        with tracking.mlflow_run(config, run_id, tags) as tracker:
+            run_id = tracker.run_id
+            checkpoints = checkpoint.CheckpointFile(
+                Path(config.checkpoint_dir).resolve() / f"{run_id}.pt",
+                meta={"config": dataclasses.asdict(config), "data_digest": prepared.dataset.digest},
+            )
+            tracker.record_checkpoint(checkpoints.path)
             summary = run(prepared, tracker, checkpoints, stop, callbacks, progress_bars)
-        except Interrupted as interruption:
-            interruption.run_id = tracker.run_id
-            raise
+    # Also a second signal that lands while the run is being ended (`mlflow run` sends its own
+    # after the user's Ctrl-C): the message must still name the run to resume.
+    except Interrupted as interruption:
+        interruption.run_id = run_id
+        raise
     if not config.register or summary.run_id is None:
         return summary
     try:
