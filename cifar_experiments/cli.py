@@ -350,6 +350,8 @@ def sweep(**options: Any) -> None:
                 "space; give one or the other"
             )
         tracking.check_store()
+        if not under_mlflow_run:
+            tracking.check_can_train_in(checked.experiment_name)
         load_dataset(checked.data)  # bad data is refused now, and the workers read it decoded
         plan = sweeping.plan(sweep_config, base, space)
     except ConfigError as error:

@@ -76,6 +76,11 @@ def prepare(
     before a run exists.
     """
     tracking.check_store()
+    if tracking.PROJECT_RUN_ENV not in os.environ:  # else `mlflow run` has made the run already
+        experiment_name = (
+            tracking.experiment_of(resumption.run_id) if resumption else config.experiment_name
+        )
+        tracking.check_can_train_in(experiment_name)
     checkpoint.check_writable(Path(config.checkpoint_dir))
     runtime = engine.Runtime.resolve(config.device, config.precision)
     if dataset is None:

@@ -341,6 +341,8 @@ def check_store() -> None:
         with _first_use_lock():
             mlflow.MlflowClient().search_experiments(max_results=1)
     except Exception as error:  # each store type fails in its own way
+        if getattr(error, "error_code", None) == "UNAUTHENTICATED":
+            raise TrackingError(_unauthenticated()) from None
         raise TrackingError(
             f"cannot reach the MLflow tracking store {tracking_uri()}: "
             f"{getattr(error, 'message', None) or error}"
@@ -351,6 +353,45 @@ def check_store() -> None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _unauthenticated() -> str:
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if user is None:
+        return (
+            f"the tracking server {tracking_uri()} needs a login: set MLFLOW_TRACKING_USERNAME "
+            "and MLFLOW_TRACKING_PASSWORD"
+        )
+    return (
+        f"the tracking server {tracking_uri()} refused the login of {user!r}: check "
+        "MLFLOW_TRACKING_PASSWORD"
+    )
+
+
+def check_can_train_in(experiment_name: str) -> None:
+    """Fail before any data is read when this login may not add runs to the experiment.
+
+    The probe is a write that changes nothing (the experiment's kind, set to what it is): a
+    server with logins checks it against the same EDIT permission as creating a run. A new
+    experiment needs no probe: whoever creates one may write to it.
+    """
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return
+    kind = experiment.tags.get(EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    try:
+        _with_retries(
+            lambda: client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, kind)
+        )
+    except MlflowException as error:
+        if error.error_code != "PERMISSION_DENIED":
+            raise
+        who = os.environ.get("MLFLOW_TRACKING_USERNAME", "this login")
+        raise TrackingError(
+            f"{who} may not add runs to experiment {experiment_name!r} on {tracking_uri()}: "
+            "that needs EDIT permission on it, which its owner or an admin can grant"
+        ) from None
 
 
 def _first_use_lock() -> contextlib.AbstractContextManager:

@@ -25,12 +25,7 @@ from pathlib import Path
 import pytest
 import requests
 from helpers import free_port, local_env
-
-ADMIN, ADMIN_PASSWORD = "admin", "team-admin-pw-1"
-DB_PASSWORD = "pg-secret-7"
-BUCKET = "team-artifacts"
-S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+from team_services import ADMIN, ADMIN_PASSWORD, BUCKET, DB_PASSWORD, S3_KEYS
 
 
 def _postgres_bin() -> Path | None:

@@ -15,6 +15,7 @@ import psycopg
 import pytest
 import requests
 from helpers import JPEG, b64, free_port, post, running
+from team_services import ADMIN, ADMIN_PASSWORD, DB_PASSWORD, S3_KEYS
 
 pytestmark = [pytest.mark.slow, pytest.mark.team]
 
@@ -61,6 +62,19 @@ def test_a_member_trains_registers_and_serves_through_the_server(
     assert any(key.endswith(f"{run_id}/artifacts/cifar_net.pth") for key in keys)
     assert any(f"{run_id}/artifacts/evaluation/val/" in key for key in keys)
 
+    # No secret of anyone's lands in the run: params, tags, description, files.
+    secrets = [users["alice"], ADMIN_PASSWORD, DB_PASSWORD, S3_KEYS["AWS_SECRET_ACCESS_KEY"]]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+        patch.setenv("MLFLOW_TRACKING_PASSWORD", users["alice"])
+        run = mlflow.MlflowClient(tracking_server.url).get_run(run_id)
+        files = Path(mlflow.artifacts.download_artifacts(
+            run_id=run_id, tracking_uri=tracking_server.url, dst_path=str(tmp_path / "files")
+        ))  # fmt: skip
+    recorded = [*run.data.params.values(), *run.data.tags.values()]
+    recorded += [path.read_bytes().decode("latin-1") for path in files.rglob("*") if path.is_file()]
+    assert not [secret for secret in secrets if any(secret in text for text in recorded)]
+
     # Registered, and served from the server by alias, as any member would serve it.
     assert "Registered cifar10-classifier version" in done.stdout
     port = free_port()
@@ -81,7 +95,7 @@ def test_a_run_stopped_on_one_machine_resumes_on_another(
     env = tracking_server.user_env("bob", users["bob"])
     first, second = tmp_path_factory.mktemp("machine-a"), tmp_path_factory.mktemp("machine-b")
     args = ["--epochs", "4", "--batch-size", "2", "--log-every", "1", "--data",
-            str(image_folder), "--experiment-name", "team"]  # fmt: skip
+            str(image_folder), "--experiment-name", "bobs", "--no-register"]  # fmt: skip
     process = subprocess.Popen(
         [sys.executable, "-m", "cifar_experiments", "train", *args], env=env, cwd=first,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -112,3 +126,46 @@ def test_a_run_stopped_on_one_machine_resumes_on_another(
         steps = [m.step for m in client.get_metric_history(run_id, "val/accuracy")]
     assert run.info.status == "FINISHED"
     assert steps == [1, 2, 3, 4], "every epoch once, across the two machines"
+
+
+def test_a_wrong_password_is_one_line_without_the_password(tracking_server, users, image_folder,
+                                                          tmp_path):  # fmt: skip
+    env = tracking_server.user_env("alice", "not-alices-password")
+    done = train(env, tmp_path, *TINY, "--data", str(image_folder))
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"Error: the tracking server {tracking_server.url} refused the login of 'alice': check "
+        "MLFLOW_TRACKING_PASSWORD"
+    )
+    assert "not-alices-password" not in done.stdout + done.stderr
+
+
+def test_read_only_members_are_refused_before_any_data_until_granted_edit(
+    tracking_server, users, image_folder, tmp_path
+):
+    from mlflow.server.auth.client import AuthServiceClient
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+        patch.setenv("MLFLOW_TRACKING_PASSWORD", users["alice"])
+        experiment_id = mlflow.MlflowClient(tracking_server.url).create_experiment("alices")
+    bob = tracking_server.user_env("bob", users["bob"])
+    missing = tmp_path / "not-read-yet"
+    missing.mkdir()  # an empty folder: reading it would fail, and it is never read
+    done = train(bob, tmp_path, *TINY, "--data", str(missing), "--experiment-name", "alices")
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"Error: bob may not add runs to experiment 'alices' on {tracking_server.url}: that "
+        "needs EDIT permission on it, which its owner or an admin can grant"
+    )
+
+    # As README says, the admin grants it; then bob trains there.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
+        patch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
+        AuthServiceClient(tracking_server.url).grant_user_permission(
+            "bob", "experiment", experiment_id, "EDIT"
+        )
+    done = train(bob, tmp_path, *TINY, "--data", str(image_folder), "--experiment-name",
+                 "alices", "--no-register")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]

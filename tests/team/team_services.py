@@ -1,0 +1,7 @@
+"""The team stack's fixed names and secrets (conftest.py starts it; tests log in with them)."""
+
+ADMIN, ADMIN_PASSWORD = "admin", "team-admin-password-1"
+DB_PASSWORD = "pg-secret-7"
+BUCKET = "team-artifacts"
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "moto-secret-key-9",
+           "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
