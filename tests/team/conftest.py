@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import requests
 from helpers import free_port, local_env
-from team_services import ADMIN, ADMIN_PASSWORD, BUCKET, DB_PASSWORD, S3_KEYS
+from team_services import ADMIN, ADMIN_PASSWORD, BUCKET, DB_PASSWORD, S3_KEYS, logged_in
 
 
 def _postgres_bin() -> Path | None:
@@ -241,32 +241,8 @@ def users(tracking_server) -> dict[str, str]:
     from mlflow.server.auth.client import AuthServiceClient
 
     members = {"alice": "alice-password-1", "bob": "bob-password-22"}
-    with _admin_credentials():
+    with logged_in(ADMIN, ADMIN_PASSWORD):
         client = AuthServiceClient(tracking_server.url)
         for name, password in members.items():
             client.create_user(name, password)
     return members
-
-
-@contextlib.contextmanager
-def _admin_credentials() -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-    os.environ.update(MLFLOW_TRACKING_USERNAME=ADMIN, MLFLOW_TRACKING_PASSWORD=ADMIN_PASSWORD)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-@pytest.fixture
-def admin(tracking_server) -> Iterator[None]:
-    """MLflow's client in this process, as the admin, against the team server."""
-    import mlflow
-
-    with _admin_credentials():
-        mlflow.set_tracking_uri(tracking_server.url)
-        yield

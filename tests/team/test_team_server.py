@@ -15,7 +15,7 @@ import psycopg
 import pytest
 import requests
 from helpers import JPEG, b64, free_port, post, running
-from team_services import ADMIN, ADMIN_PASSWORD, DB_PASSWORD, S3_KEYS
+from team_services import ADMIN, ADMIN_PASSWORD, DB_PASSWORD, S3_KEYS, logged_in
 
 pytestmark = [pytest.mark.slow, pytest.mark.team]
 
@@ -64,9 +64,7 @@ def test_a_member_trains_registers_and_serves_through_the_server(
 
     # No secret of anyone's lands in the run: params, tags, description, files.
     secrets = [users["alice"], ADMIN_PASSWORD, DB_PASSWORD, S3_KEYS["AWS_SECRET_ACCESS_KEY"]]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
-        patch.setenv("MLFLOW_TRACKING_PASSWORD", users["alice"])
+    with logged_in("alice", users["alice"]):
         run = mlflow.MlflowClient(tracking_server.url).get_run(run_id)
         files = Path(mlflow.artifacts.download_artifacts(
             run_id=run_id, tracking_uri=tracking_server.url, dst_path=str(tmp_path / "files")
@@ -119,9 +117,7 @@ def test_a_run_stopped_on_one_machine_resumes_on_another(
     assert done.returncode == 0, done.stderr[-3000:]
     assert run_id_of(done.stdout) == run_id
     client = mlflow.MlflowClient(tracking_server.url)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
-        patch.setenv("MLFLOW_TRACKING_PASSWORD", users["bob"])
+    with logged_in("bob", users["bob"]):
         run = client.get_run(run_id)
         steps = [m.step for m in client.get_metric_history(run_id, "val/accuracy")]
     assert run.info.status == "FINISHED"
@@ -145,9 +141,7 @@ def test_read_only_members_are_refused_before_any_data_until_granted_edit(
 ):
     from mlflow.server.auth.client import AuthServiceClient
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
-        patch.setenv("MLFLOW_TRACKING_PASSWORD", users["alice"])
+    with logged_in("alice", users["alice"]):
         experiment_id = mlflow.MlflowClient(tracking_server.url).create_experiment("alices")
     bob = tracking_server.user_env("bob", users["bob"])
     missing = tmp_path / "not-read-yet"
@@ -160,9 +154,7 @@ def test_read_only_members_are_refused_before_any_data_until_granted_edit(
     )
 
     # As README says, the admin grants it; then bob trains there.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
-        patch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
+    with logged_in(ADMIN, ADMIN_PASSWORD):
         AuthServiceClient(tracking_server.url).grant_user_permission(
             "bob", "experiment", experiment_id, "EDIT"
         )
