@@ -32,9 +32,10 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
+from cifar_experiments.tracking import TRAINING_VIEW
+
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
-TRAINING_VIEW = "?workflowType=machine_learning"
 # In the side bar of the GenAI view only; the model-training view lists Runs, Models, Traces.
 GENAI_ONLY = "Observability"
 CHART_SEARCH = 'input[placeholder="Search metric charts"]'
