@@ -322,7 +322,11 @@ def _record(plan: Plan, study: optuna.Study, finished: FrozenTrial) -> None:
         table = study.trials_dataframe()
         table[table["number"].isin(numbers)].to_csv(Path(tmp) / "trials.csv", index=False)
         _plots(study, len(complete), Path(tmp) / "plots")
-        client.log_artifacts(plan.parent_run_id, tmp)
+        # File by file: workers record at the same moment, and MLflow's local store copies a
+        # folder by checking, then making, each subfolder (the slower worker's make fails).
+        for path in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
+            folder = path.parent.relative_to(tmp).as_posix()
+            client.log_artifact(plan.parent_run_id, str(path), None if folder == "." else folder)
 
 
 def _plots(study: optuna.Study, complete: int, folder: Path) -> None:
@@ -376,8 +380,11 @@ def _run_processes(plan: Plan, stop: StopRequests) -> None:
     which ends it after its current step, like Ctrl-C (a terminal sends that to all of them
     already; a SIGTERM after a SIGINT changes nothing)."""
     context = multiprocessing.get_context("spawn")  # no torch state forked mid-use
+    failures = context.SimpleQueue()  # a worker's last words, when it fails
     processes = [
-        context.Process(target=_worker_process, args=(plan, worker), name=f"worker-{worker}")
+        context.Process(
+            target=_worker_process, args=(plan, worker, failures), name=f"worker-{worker}"
+        )
         for worker in range(plan.sweep.workers)
     ]
     for process in processes:
@@ -401,9 +408,8 @@ def _run_processes(plan: Plan, stop: StopRequests) -> None:
         raise Interrupted(stop.pending)
     crashed = [p for p in processes if p.exitcode not in (0, *_interrupted_codes())]
     if crashed:
-        raise SweepError(
-            f"{crashed[0].name} exited with status {crashed[0].exitcode}; its output says why"
-        )
+        reason = failures.get() if not failures.empty() else "its output says why"
+        raise SweepError(f"{crashed[0].name} failed (exit status {crashed[0].exitcode}): {reason}")
     if any(p.exitcode for p in processes):
         raise Interrupted(signal.SIGTERM)  # someone stopped a worker itself
 
@@ -412,9 +418,10 @@ def _interrupted_codes() -> tuple[int, ...]:
     return tuple(Interrupted(signum).exit_code for signum in (signal.SIGINT, signal.SIGTERM))
 
 
-def _worker_process(plan: Plan, worker: int) -> None:
+def _worker_process(plan: Plan, worker: int, failures: multiprocessing.SimpleQueue) -> None:
     """A worker in a process of its own, its name on its lines (and no progress bars: those of
-    several processes would overwrite each other)."""
+    several processes would overwrite each other). An error it did not expect ends it with its
+    traceback, and its one line goes to the parent, which ends the sweep with it."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(f"[worker {worker}] %(message)s"))
     package_log = logging.getLogger("cifar_experiments")
@@ -425,6 +432,9 @@ def _worker_process(plan: Plan, worker: int) -> None:
             work(plan, worker, stop)
         except Interrupted as interruption:
             raise SystemExit(interruption.exit_code) from None
+        except Exception as error:
+            failures.put(f"{type(error).__name__}: {_one_line(error)}")
+            raise
 
 
 def _sampler(plan: Plan, seed: int) -> optuna.samplers.BaseSampler:
@@ -456,8 +466,9 @@ def _storage(url: str) -> optuna.storages.RDBStorage:
                 time.sleep(pause)
         return _rdb_storage(url)
     except (ImportError, ValueError, SQLAlchemyError) as error:  # no driver, a bad URL
-        reason = " ".join(str(error).split())[:300]
-        raise SweepError(f"cannot use the Optuna storage {shown(url)}: {reason}") from None
+        raise SweepError(
+            f"cannot use the Optuna storage {shown(url)}: {_one_line(error)}"
+        ) from None
 
 
 def _rdb_storage(url: str) -> optuna.storages.RDBStorage:
@@ -470,6 +481,10 @@ def _rdb_storage(url: str) -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(
             url, engine_kwargs=engine_kwargs, heartbeat_interval=30, grace_period=120
         )
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:300]
 
 
 def _settings(base: dict[str, Any], space: search_space.Space) -> dict[str, Any]:

@@ -4,6 +4,8 @@ workers on one study, Ctrl-C then continue, and bad input refused before any tri
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,6 +146,23 @@ BAD_INPUT = {
     "a grid over a float range": (None, ["--sampler", "grid"], "grid search: lr: a float range"),
     "no workers": (None, ["--workers", "0"], "Invalid value for '--workers'"),
 }
+
+
+def test_a_worker_that_fails_ends_the_sweep_with_its_reason_in_one_line(tmp_path):
+    """An error no trial can catch (here: the images gone once the sweep was planned) ends the
+    worker, and the parent names the worker and the error, not just an exit status."""
+    folder = write_image_folder(tmp_path / "images", {"train": 20})
+    base = TrainConfig(epochs=1, batch_size=8, data=str(folder))
+    plan = sweep.plan(
+        SweepConfig(trials=2, workers=2),
+        vars(base).copy(),
+        sweep.search_space.parse({"lr": [0.01, 0.02]}, "test"),
+    )
+    shutil.rmtree(folder)
+    with pytest.raises(sweep.SweepError) as failure:
+        sweep.run(plan, StopRequests())
+    assert re.fullmatch(r"worker-[01] failed \(exit status 1\): DataError: .*", str(failure.value))
+    assert str(folder) in str(failure.value)
 
 
 @pytest.mark.parametrize(("space", "args", "message"), BAD_INPUT.values(), ids=BAD_INPUT)
