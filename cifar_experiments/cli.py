@@ -169,6 +169,7 @@ def train(resume: str | None, **options: Any) -> None:
     from . import experiment, interrupts
     from .callbacks import TrainingDiverged
     from .checkpoint import CheckpointError
+    from .tracking import ServerLost
 
     # MLflow clears this variable once it has taken up the run, so note it first.
     under_mlflow_run = "MLFLOW_RUN_ID" in os.environ
@@ -187,6 +188,8 @@ def train(resume: str | None, **options: Any) -> None:
         except KeyboardInterrupt:  # Ctrl-C where no handler could be installed (not main thread)
             click.echo("Interrupted.", err=True)
             sys.exit(interrupts.Interrupted(signal.SIGINT).exit_code)
+        except ServerLost as lost:
+            raise click.ClickException(_server_lost_message(lost, under_mlflow_run)) from None
         except experiment.RegistrationFailed as failure:
             _echo_summary(failure.summary)
             retry = (
@@ -280,6 +283,19 @@ def _interrupted_message(interruption: Any, under_mlflow_run: bool) -> str:
         f"Stopped by {interruption.signal_name}: run {interruption.run_id} is {status} and "
         f"{saved}. Resume it with:\n  {_resume_command(interruption.run_id, under_mlflow_run)}"
     )
+
+
+def _server_lost_message(lost: Any, under_mlflow_run: bool) -> str:
+    if lost.checkpoint is None:
+        return f"{lost}: start it again once the server answers"
+    # The server cannot be asked how `mlflow run` made the run's environment.
+    again = (
+        f"the `mlflow run` command that started it, adding --run-id {lost.run_id} "
+        f"-P resume={lost.run_id}"
+        if under_mlflow_run
+        else _resume_command(lost.run_id, project=False)
+    )
+    return f"{lost}. Once the server answers, continue it with: {again}"
 
 
 def _resume_command(run_id: str, project: bool) -> str:

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 import tempfile
 import time
@@ -66,6 +67,24 @@ UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` listens unless told ot
 
 class TrackingError(ValueError):
     """The tracking store cannot be used, or lacks what was asked of it."""
+
+
+class ServerLost(TrackingError):
+    """The tracking server stopped answering during a run, for longer than MLflow retries
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES); the run's checkpoint, if it has one, is kept."""
+
+    def __init__(self, run_id: str, checkpoint: Path | None, error: MlflowException) -> None:
+        self.run_id = run_id
+        self.checkpoint = checkpoint if checkpoint is not None and checkpoint.is_file() else None
+        kept = (
+            f"its checkpoint is in {self.checkpoint}"
+            if self.checkpoint is not None
+            else "it stopped before its first checkpoint"
+        )
+        super().__init__(
+            f"lost the tracking server {tracking_uri()} ({_why_unanswered(error)}) during run "
+            f"{run_id}; {kept}"
+        )
 
 
 class MlflowTracker(Tracker):
@@ -201,24 +220,78 @@ def mlflow_run(
     mark_as_training(run.info.experiment_id)
     tracker = MlflowTracker(run.info.run_id, resumed=resume_run_id is not None)
     mlflow.set_tag(PROCESS_TAG, f"{socket.gethostname()}:{os.getpid()}")
-    with _ended_as_it_goes(lambda status, error: _end(tracker, status, error)):
-        yield tracker
+    try:
+        with _ended_as_it_goes(lambda status, error: _end(tracker, status, error)):
+            yield tracker
+    except MlflowException as error:
+        if not server_lost(error):
+            raise
+        raise ServerLost(tracker.run_id, tracker.checkpoint, error) from None
 
 
 @contextmanager
-def _ended_as_it_goes(end: Callable[[int, str | None], None]) -> Iterator[None]:
+def _ended_as_it_goes(end: Callable[[int, BaseException | None], None]) -> Iterator[None]:
     """Call `end` with the status the block earns: FINISHED; KILLED on Ctrl-C or SIGTERM;
-    FAILED, with the error, on an exception."""
+    FAILED, with the error, on an exception. When the block failed, a failure to end the run
+    (the server gone, say) is a warning: the block's own error is the one to report."""
     try:
         yield
-    except (KeyboardInterrupt, Interrupted) as interruption:
-        end(RunStatus.KILLED, str(interruption) or "interrupted")
-        raise
     except BaseException as error:
-        end(RunStatus.FAILED, f"{type(error).__name__}: {error}")
+        status = (
+            RunStatus.KILLED
+            if isinstance(error, KeyboardInterrupt | Interrupted)
+            else (RunStatus.FAILED)
+        )
+        # The server has just failed a call after all MLflow's retries: try it once more only.
+        with _one_try() if server_lost(error) else contextlib.nullcontext():
+            try:
+                end(status, error)
+            except Exception as end_error:
+                log.warning("Could not mark the run %s: %s", RunStatus.to_string(status),
+                            _why_unanswered(end_error))  # fmt: skip
         raise
     else:
         end(RunStatus.FINISHED, None)
+
+
+def server_lost(error: BaseException) -> bool:
+    """Whether `error` is the tracking server not answering, or failing, after MLflow's
+    retries: no connection, a timeout, or a 5xx answer (its database down, say)."""
+    if not isinstance(error, MlflowException):
+        return False
+    return error.message.startswith("API request to ") or error.get_http_status_code() >= 500
+
+
+def _why_unanswered(error: BaseException) -> str:
+    """The gist of an HTTP failure: MLflow's message nests urllib3's, which nests its cause."""
+    message = getattr(error, "message", None) or str(error)
+    for pattern in (
+        r"\[Errno -?\d+\] ([^\"')]+)",  # the OS's: connection refused, no route to host
+        r"ResponseError\('([^']+)'",  # urllib3's: too many 503 error responses
+        r"ProtocolError\('([^'.]+)",  # the server gone mid-request: connection aborted
+    ):
+        found = re.search(pattern, message)
+        if found:
+            return found.group(1).strip().lower()
+    if "timeout" in message.lower():
+        return "no answer in time"
+    return " ".join(message.split())[:200]
+
+
+@contextmanager
+def _one_try() -> Iterator[None]:
+    """MLflow's HTTP requests in the block are tried once, and wait at most 10 s."""
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {name: os.environ.get(name) for name in quick}
+    os.environ.update(quick)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def start_parent_run(experiment_name: str, run_name: str) -> str:
@@ -271,20 +344,26 @@ def holding(run_id: str) -> Iterator[None]:
     client = mlflow.MlflowClient()
     client.update_run(run_id, status="RUNNING")
 
-    def end(status: int, error: str | None) -> None:
-        if error:
-            client.set_tag(run_id, ERROR_TAG, error[:5000])
+    def end(status: int, error: BaseException | None) -> None:
+        if error is not None:
+            client.set_tag(run_id, ERROR_TAG, _error_text(error))
         client.set_terminated(run_id, RunStatus.to_string(status))
 
     with _ended_as_it_goes(end):
         yield
 
 
-def _end(tracker: MlflowTracker, status: int, error: str | None = None) -> None:
+def _error_text(error: BaseException) -> str:
+    if isinstance(error, KeyboardInterrupt | Interrupted):
+        return str(error) or "interrupted"
+    return f"{type(error).__name__}: {error}"[:5000]
+
+
+def _end(tracker: MlflowTracker, status: int, error: BaseException | None) -> None:
     try:
         tracker.flush()
-        if error:
-            mlflow.set_tag(ERROR_TAG, error[:5000])
+        if error is not None:
+            mlflow.set_tag(ERROR_TAG, _error_text(error))
         if tracker.checkpoint is not None and tracker.checkpoint.is_file():
             mlflow.log_artifact(str(tracker.checkpoint), CHECKPOINT_ARTIFACT_DIR)
     finally:
@@ -334,11 +413,8 @@ def check_store() -> None:
 
     MLflow would otherwise retry an unanswering server for minutes, at the first metric.
     """
-    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-    saved = {name: os.environ.get(name) for name in quick}
-    os.environ.update(quick)
     try:
-        with _first_use_lock():
+        with _one_try(), _first_use_lock():
             mlflow.MlflowClient().search_experiments(max_results=1)
     except Exception as error:  # each store type fails in its own way
         if getattr(error, "error_code", None) == "UNAUTHENTICATED":
@@ -347,12 +423,6 @@ def check_store() -> None:
             f"cannot reach the MLflow tracking store {tracking_uri()}: "
             f"{getattr(error, 'message', None) or error}"
         ) from error
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _unauthenticated() -> str:

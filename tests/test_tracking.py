@@ -59,6 +59,44 @@ def test_a_run_always_ends_with_its_status_and_reason(tmp_path, error, status, t
     )
 
 
+API_FAILED = "API request to http://team:5000/api/2.0/mlflow/runs/log-batch failed with exception "
+UNANSWERED = {
+    "connection refused": API_FAILED + "HTTPConnectionPool(host='team', port=5000): Max retries "
+    'exceeded (Caused by NewConnectionError("...: [Errno 111] Connection refused"))',
+    "connection aborted": API_FAILED + "HTTPConnectionPool(host='team', port=5000): Max retries "
+    "exceeded (Caused by ProtocolError('Connection aborted.', RemoteDisconnected('Remote end')))",
+    "too many 503 error responses": API_FAILED + "HTTPConnectionPool(host='team', port=5000): "
+    "Max retries exceeded (Caused by ResponseError('too many 503 error responses'))",
+}
+
+
+@pytest.mark.parametrize(("reason", "message"), UNANSWERED.items(), ids=UNANSWERED)
+def test_a_server_lost_mid_run_is_told_in_a_line_with_where_its_checkpoint_is(
+    tmp_path, reason, message
+):
+    error = mlflow.exceptions.MlflowException(message)
+    assert tracking.server_lost(error)
+    saved = tmp_path / "run.pt"
+    saved.write_bytes(b"state")
+    assert str(tracking.ServerLost("abc", saved, error)) == (
+        f"lost the tracking server {tracking.tracking_uri()} ({reason}) during run abc; its "
+        f"checkpoint is in {saved}"
+    )
+    assert str(tracking.ServerLost("abc", None, error)).endswith("before its first checkpoint")
+
+
+def test_only_an_unanswering_or_failing_server_counts_as_lost():
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2 as codes
+
+    assert tracking.server_lost(MlflowException("database down", error_code=codes.INTERNAL_ERROR))
+    assert not tracking.server_lost(
+        MlflowException("gone", error_code=codes.RESOURCE_DOES_NOT_EXIST)
+    )
+    assert not tracking.server_lost(MlflowException("denied", error_code=codes.PERMISSION_DENIED))
+    assert not tracking.server_lost(RuntimeError(API_FAILED))
+
+
 def test_params_already_logged_by_mlflow_run_are_kept_as_typed():
     with tracking.mlflow_run(TrainConfig(experiment_name="t")) as tracker:
         mlflow.log_param("lr", "2e-2")  # as `mlflow run -P lr=2e-2` logs it

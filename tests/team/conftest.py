@@ -212,6 +212,7 @@ def tracking_server(postgres, s3, tmp_path_factory) -> Iterator[TrackingServer]:
         f"database_uri = {postgres.url('mlflow_users')}\n"
         f"admin_username = {ADMIN}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "auth_cache_ttl_seconds = 60\n"
     )
     port = free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",

@@ -1,8 +1,16 @@
-"""The team stack's fixed names and secrets (conftest.py starts it; tests log in with them)."""
+"""The team stack's fixed names and secrets (conftest.py starts it; tests log in with them),
+and how tests train against it."""
+
+from __future__ import annotations
 
 import contextlib
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
+import mlflow
 import pytest
 
 ADMIN, ADMIN_PASSWORD = "admin", "team-admin-password-1"
@@ -10,6 +18,7 @@ DB_PASSWORD = "pg-secret-7"
 BUCKET = "team-artifacts"
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "moto-secret-key-9",
            "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+LIMIT = 300  # seconds any one training may take
 
 
 @contextlib.contextmanager
@@ -19,3 +28,54 @@ def logged_in(username: str, password: str) -> Iterator[None]:
         patch.setenv("MLFLOW_TRACKING_USERNAME", username)
         patch.setenv("MLFLOW_TRACKING_PASSWORD", password)
         yield
+
+
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cifar_experiments", *args]
+
+
+def train(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command("train", *args), env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=LIMIT)  # fmt: skip
+
+
+def run_id_of(output: str) -> str:
+    return re.search(r"Run ([0-9a-f]{32}) finished", output).group(1)
+
+
+class Training:
+    """`cifar-experiments train` in the background, its output read line by line, so a test
+    can act at a moment of the training (stop it, take a service away)."""
+
+    def __init__(self, env: dict[str, str], cwd: Path, *args: str) -> None:
+        self.process = subprocess.Popen(
+            command("train", *args), env=env, cwd=cwd,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        self.lines: list[str] = []
+
+    def wait_for(self, start: str) -> None:
+        """Read on until a line starts with `start`."""
+        for line in self.process.stdout:
+            self.lines.append(line)
+            if line.startswith(start):
+                return
+        raise AssertionError(f"no line starting {start!r} in:\n{self.output[-3000:]}")
+
+    def finish(self) -> int:
+        self.lines += self.process.stdout.readlines()
+        return self.process.wait(timeout=LIMIT)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+def assert_every_point_once(client: mlflow.MlflowClient, run_id: str, epochs: int) -> None:
+    """No figure is missing or logged twice: each epoch's at steps 1..epochs, the training
+    loss (logged every step) at steps 1, 2, 3, ... (system metrics are samples, not counted)."""
+    keys = [key for key in client.get_run(run_id).data.metrics if not key.startswith("system/")]
+    history = {key: sorted(m.step for m in client.get_metric_history(run_id, key)) for key in keys}
+    assert history["val/accuracy"] == history["train/epoch_loss"] == list(range(1, epochs + 1))
+    assert history["train/loss"] == list(range(1, len(history["train/loss"]) + 1))
+    assert {key: steps for key, steps in history.items() if len(set(steps)) != len(steps)} == {}

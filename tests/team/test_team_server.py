@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,22 +14,21 @@ import psycopg
 import pytest
 import requests
 from helpers import JPEG, b64, free_port, post, running
-from team_services import ADMIN, ADMIN_PASSWORD, DB_PASSWORD, S3_KEYS, logged_in
+from team_services import (
+    ADMIN,
+    ADMIN_PASSWORD,
+    DB_PASSWORD,
+    S3_KEYS,
+    Training,
+    assert_every_point_once,
+    logged_in,
+    run_id_of,
+    train,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.team]
 
 TINY = ["--epochs", "2", "--batch-size", "8", "--log-every", "1"]
-LIMIT = 300  # seconds any one process may take
-
-
-def train(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "cifar_experiments", "train", *args]
-    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=LIMIT)  # fmt: skip
-
-
-def run_id_of(output: str) -> str:
-    return re.search(r"Run ([0-9a-f]{32}) finished", output).group(1)
 
 
 def test_anonymous_requests_are_refused(tracking_server):
@@ -92,23 +90,14 @@ def test_a_run_stopped_on_one_machine_resumes_on_another(
     and takes it from the bucket through the server."""
     env = tracking_server.user_env("bob", users["bob"])
     first, second = tmp_path_factory.mktemp("machine-a"), tmp_path_factory.mktemp("machine-b")
-    args = ["--epochs", "4", "--batch-size", "2", "--log-every", "1", "--data",
-            str(image_folder), "--experiment-name", "bobs", "--no-register"]  # fmt: skip
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cifar_experiments", "train", *args], env=env, cwd=first,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    lines = []
-    for line in process.stdout:  # stop it once its first epoch is checkpointed
-        lines.append(line)
-        if line.startswith("epoch 1/4"):
-            process.send_signal(signal.SIGINT)
-            break
-    lines += process.stdout.readlines()
-    assert process.wait(timeout=LIMIT) != 0
-    output = "".join(lines)
-    stopped = re.search(r"run ([0-9a-f]{32}) is KILLED", output)
-    assert stopped, output[-3000:]
+    training = Training(env, first, "--epochs", "4", "--batch-size", "2", "--log-every", "1",
+                        "--data", str(image_folder), "--experiment-name", "bobs",
+                        "--no-register")  # fmt: skip
+    training.wait_for("epoch 1/4")  # stop it once its first epoch is checkpointed
+    training.process.send_signal(signal.SIGINT)
+    assert training.finish() != 0
+    stopped = re.search(r"run ([0-9a-f]{32}) is KILLED", training.output)
+    assert stopped, training.output[-3000:]
     run_id = stopped.group(1)
     for leftover in (first / "checkpoints").glob("*"):
         leftover.unlink()  # machine A's disk is not machine B's
@@ -118,10 +107,8 @@ def test_a_run_stopped_on_one_machine_resumes_on_another(
     assert run_id_of(done.stdout) == run_id
     client = mlflow.MlflowClient(tracking_server.url)
     with logged_in("bob", users["bob"]):
-        run = client.get_run(run_id)
-        steps = [m.step for m in client.get_metric_history(run_id, "val/accuracy")]
-    assert run.info.status == "FINISHED"
-    assert steps == [1, 2, 3, 4], "every epoch once, across the two machines"
+        assert client.get_run(run_id).info.status == "FINISHED"
+        assert_every_point_once(client, run_id, epochs=4)  # across the two machines
 
 
 def test_a_wrong_password_is_one_line_without_the_password(tracking_server, users, image_folder,

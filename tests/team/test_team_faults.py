@@ -1,0 +1,78 @@
+"""The team's services failing under a training: PostgreSQL stopped, the tracking server
+killed. Short outages are ridden out with nothing lost; a long one fails the run in one line,
+keeps its checkpoint, and the run resumes once the server is back."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import mlflow
+import pytest
+from team_services import Training, assert_every_point_once, logged_in, run_id_of, train
+
+pytestmark = [pytest.mark.slow, pytest.mark.team]
+
+POSTGRES_OUTAGE, SERVER_OUTAGE = 20, 10  # seconds
+EPOCHS = 6
+ARGS = ["--epochs", str(EPOCHS), "--batch-size", "2", "--log-every", "1", "--no-register"]
+
+
+def test_a_training_rides_out_postgres_stopped_and_the_server_killed(
+    tracking_server, postgres, users, image_folder, tmp_path
+):
+    env = tracking_server.user_env("alice", users["alice"])
+    training = Training(env, tmp_path, *ARGS, "--data", str(image_folder),
+                        "--experiment-name", "faults")  # fmt: skip
+    training.wait_for("epoch 1/")
+    postgres.stop()
+    time.sleep(POSTGRES_OUTAGE)
+    assert training.process.poll() is None, "still training, its logging held up"
+    postgres.start()
+    training.wait_for("epoch 3/")
+    tracking_server.kill()
+    time.sleep(SERVER_OUTAGE)
+    assert training.process.poll() is None, "still training, its logging held up"
+    tracking_server.start()
+    assert training.finish() == 0, training.output[-3000:]
+
+    run_id = run_id_of(training.output)
+    with logged_in("alice", users["alice"]):
+        client = mlflow.MlflowClient(tracking_server.url)
+        assert client.get_run(run_id).info.status == "FINISHED"
+        assert_every_point_once(client, run_id, EPOCHS)
+
+
+def test_an_outage_longer_than_the_retries_fails_in_one_line_and_the_run_resumes(
+    tracking_server, users, image_folder, tmp_path
+):
+    # The client gives up after about 3 s instead of MLflow's 4 minutes.
+    impatient = tracking_server.user_env(
+        "alice", users["alice"], MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
+    )  # fmt: skip
+    training = Training(impatient, tmp_path, *ARGS, "--data", str(image_folder),
+                        "--experiment-name", "faults")  # fmt: skip
+    training.wait_for("epoch 2/")
+    tracking_server.kill()
+    try:
+        assert training.finish() == 1
+    finally:
+        tracking_server.start()
+    failure = re.fullmatch(
+        rf"Error: lost the tracking server {tracking_server.url} \(connection (refused|aborted)\) "
+        r"during run ([0-9a-f]{32}); its checkpoint is in (\S+)\. Once the server answers, "
+        r"continue it with: cifar-experiments train --resume \2",
+        training.output.strip().splitlines()[-1],
+    )
+    assert failure and "Traceback" not in training.output, training.output[-3000:]
+    _, run_id, checkpoint = failure.groups()
+    assert (tmp_path / checkpoint).is_file()
+
+    env = tracking_server.user_env("alice", users["alice"])
+    done = train(env, tmp_path, "--resume", run_id, "--data", str(image_folder))
+    assert done.returncode == 0, done.stderr[-3000:]
+    with logged_in("alice", users["alice"]):
+        client = mlflow.MlflowClient(tracking_server.url)
+        assert client.get_run(run_id).info.status == "FINISHED"
+        assert_every_point_once(client, run_id, EPOCHS)
