@@ -63,6 +63,7 @@ MODEL_TRAINING_KIND = "custom_model_development"
 # Without this in the address, the UI shows its GenAI pages to a browser that last used them.
 TRAINING_VIEW = "?workflowType=machine_learning"
 UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` listens unless told otherwise
+NEW_GRANT_SECONDS = 10  # how long a refusal in a new experiment may be a grant on its way
 
 
 class TrackingError(ValueError):
@@ -210,12 +211,16 @@ def mlflow_run(
     FINISHED on success; KILLED on Ctrl-C or SIGTERM; FAILED, with the error in a tag, on an
     exception. The run's last checkpoint, if any, is logged as an artifact on every path.
     """
+    experiment = None
     if PROJECT_RUN_ENV not in os.environ and resume_run_id is None:
-        mlflow.set_experiment(config.experiment_name)
-    run = _with_retries(
-        lambda: mlflow.start_run(
-            run_id=resume_run_id, run_name=config.run_name, tags=tags, log_system_metrics=True
-        )
+        experiment = _with_retries(lambda: mlflow.set_experiment(config.experiment_name))
+    run = _once_granted(
+        experiment,
+        lambda: _with_retries(
+            lambda: mlflow.start_run(
+                run_id=resume_run_id, run_name=config.run_name, tags=tags, log_system_metrics=True
+            )
+        ),
     )
     mark_as_training(run.info.experiment_id)
     tracker = MlflowTracker(run.info.run_id, resumed=resume_run_id is not None)
@@ -299,7 +304,10 @@ def start_parent_run(experiment_name: str, run_name: str) -> str:
     under it may start in this process too."""
     experiment = _with_retries(lambda: mlflow.set_experiment(experiment_name))
     client = mlflow.MlflowClient()
-    return client.create_run(experiment.experiment_id, run_name=run_name).info.run_id
+    run = _once_granted(
+        experiment, lambda: client.create_run(experiment.experiment_id, run_name=run_name)
+    )
+    return run.info.run_id
 
 
 def mark_as_training(experiment_id: str) -> None:
@@ -451,8 +459,13 @@ def check_can_train_in(experiment_name: str) -> None:
         return
     kind = experiment.tags.get(EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     try:
-        _with_retries(
-            lambda: client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, kind)
+        _once_granted(
+            experiment,
+            lambda: _with_retries(
+                lambda: client.set_experiment_tag(
+                    experiment.experiment_id, EXPERIMENT_KIND_TAG, kind
+                )
+            ),
         )
     except MlflowException as error:
         if error.error_code != "PERMISSION_DENIED":
@@ -494,6 +507,26 @@ def _with_retries(call: Callable[[], T], attempts: int = 8) -> T:
             log.warning("The tracking store is busy; retrying in %.1f s", pause)
             time.sleep(pause)
     return call()
+
+
+def _once_granted(experiment: mlflow.entities.Experiment | None, call: Callable[[], T]) -> T:
+    """`call`, tried again for up to NEW_GRANT_SECONDS while refused in an experiment made in
+    the last minute. MLflow's auth app commits a new experiment, then grants its creator
+    MANAGE on it: meanwhile the creator's other processes (trainings started together) find
+    the experiment and are refused in it."""
+    deadline = time.monotonic() + NEW_GRANT_SECONDS
+    while True:
+        try:
+            return call()
+        except MlflowException as error:
+            refused = error.error_code == "PERMISSION_DENIED"
+            if not (refused and _made_just_now(experiment) and time.monotonic() < deadline):
+                raise
+            time.sleep(0.5)
+
+
+def _made_just_now(experiment: mlflow.entities.Experiment | None) -> bool:
+    return experiment is not None and time.time() - (experiment.creation_time or 0) / 1000 < 60
 
 
 def mark_project_run_failed(message: str) -> None:

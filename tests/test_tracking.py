@@ -1,6 +1,7 @@
 """The MLflow tracker: what it writes, when, and how a run always ends."""
 
 import contextlib
+import time
 
 import mlflow
 import pytest
@@ -95,6 +96,35 @@ def test_only_an_unanswering_or_failing_server_counts_as_lost():
     )
     assert not tracking.server_lost(MlflowException("denied", error_code=codes.PERMISSION_DENIED))
     assert not tracking.server_lost(RuntimeError(API_FAILED))
+
+
+def test_a_refusal_in_an_experiment_made_just_now_is_waited_out_and_an_old_one_is_not(
+    monkeypatch,
+):
+    """MLflow's auth app grants a new experiment's creator MANAGE only after committing it:
+    trainings started together may be refused in it for a moment."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2 as codes
+
+    monkeypatch.setattr(tracking.time, "sleep", lambda seconds: None)
+
+    def refused_twice():
+        answers = iter([False, False, True])
+
+        def create_run() -> str:
+            if not next(answers):
+                raise MlflowException("Permission denied", error_code=codes.PERMISSION_DENIED)
+            return "run"
+
+        return create_run
+
+    def experiment(made_seconds_ago: float) -> mlflow.entities.Experiment:
+        made = int((time.time() - made_seconds_ago) * 1000)
+        return mlflow.entities.Experiment("1", "e", "", "active", creation_time=made)
+
+    assert tracking._once_granted(experiment(made_seconds_ago=1), refused_twice()) == "run"
+    with pytest.raises(MlflowException, match="Permission denied"):
+        tracking._once_granted(experiment(made_seconds_ago=3600), refused_twice())
 
 
 def test_params_already_logged_by_mlflow_run_are_kept_as_typed():
