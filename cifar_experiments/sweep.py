@@ -380,7 +380,7 @@ def _run_processes(plan: Plan, stop: StopRequests) -> None:
     which ends it after its current step, like Ctrl-C (a terminal sends that to all of them
     already; a SIGTERM after a SIGINT changes nothing)."""
     context = multiprocessing.get_context("spawn")  # no torch state forked mid-use
-    failures = context.SimpleQueue()  # a worker's last words, when it fails
+    failures = context.SimpleQueue()  # (process name, last words) of each worker that fails
     processes = [
         context.Process(
             target=_worker_process, args=(plan, worker, failures), name=f"worker-{worker}"
@@ -408,7 +408,11 @@ def _run_processes(plan: Plan, stop: StopRequests) -> None:
         raise Interrupted(stop.pending)
     crashed = [p for p in processes if p.exitcode not in (0, *_interrupted_codes())]
     if crashed:
-        reason = failures.get() if not failures.empty() else "its output says why"
+        said = {}
+        while not failures.empty():
+            name, last_words = failures.get()
+            said[name] = last_words
+        reason = said.get(crashed[0].name, "its output says why")
         raise SweepError(f"{crashed[0].name} failed (exit status {crashed[0].exitcode}): {reason}")
     if any(p.exitcode for p in processes):
         raise Interrupted(signal.SIGTERM)  # someone stopped a worker itself
@@ -433,7 +437,8 @@ def _worker_process(plan: Plan, worker: int, failures: multiprocessing.SimpleQue
         except Interrupted as interruption:
             raise SystemExit(interruption.exit_code) from None
         except Exception as error:
-            failures.put(f"{type(error).__name__}: {_one_line(error)}")
+            name = multiprocessing.current_process().name
+            failures.put((name, f"{type(error).__name__}: {_one_line(error)}"))
             raise
 
 

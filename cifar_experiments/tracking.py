@@ -242,11 +242,8 @@ def _ended_as_it_goes(end: Callable[[int, BaseException | None], None]) -> Itera
     try:
         yield
     except BaseException as error:
-        status = (
-            RunStatus.KILLED
-            if isinstance(error, KeyboardInterrupt | Interrupted)
-            else (RunStatus.FAILED)
-        )
+        interrupted = isinstance(error, KeyboardInterrupt | Interrupted)
+        status = RunStatus.KILLED if interrupted else RunStatus.FAILED
         # The server has just failed a call after all MLflow's retries: try it once more only.
         with _one_try() if server_lost(error) else contextlib.nullcontext():
             try:

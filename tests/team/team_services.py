@@ -34,6 +34,12 @@ def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "cifar_experiments", *args]
 
 
+def start(env: dict[str, str], cwd: Path, *args: str) -> subprocess.Popen:
+    """`cifar-experiments <args>` in the background, its output (both streams) in one pipe."""
+    return subprocess.Popen(command(*args), env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
 def train(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command("train", *args), env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=LIMIT)  # fmt: skip
@@ -48,10 +54,7 @@ class Training:
     can act at a moment of the training (stop it, take a service away)."""
 
     def __init__(self, env: dict[str, str], cwd: Path, *args: str) -> None:
-        self.process = subprocess.Popen(
-            command("train", *args), env=env, cwd=cwd,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+        self.process = start(env, cwd, "train", *args)
         self.lines: list[str] = []
 
     def wait_for(self, start: str) -> None:

@@ -9,7 +9,7 @@ import time
 import mlflow
 import optuna
 import pytest
-from team_services import DB_PASSWORD, LIMIT, assert_every_point_once, command, logged_in
+from team_services import DB_PASSWORD, LIMIT, assert_every_point_once, logged_in, start
 
 from cifar_experiments import sweep
 
@@ -24,11 +24,6 @@ def finished(processes: list[subprocess.Popen]) -> list[str]:
     for process, output in zip(processes, outputs, strict=True):
         assert process.returncode == 0, output[-3000:]
     return outputs
-
-
-def start(env: dict[str, str], cwd, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(command(*args), env=env, cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
 
 def test_two_machines_sweep_one_study_with_no_trial_run_twice(
@@ -98,5 +93,5 @@ def test_eight_trainings_at_once_finish_whole_and_champion_ends_on_the_best(
         champion = client.get_model_version_by_alias("bobs-classifier", "champion")
     best = max(run.data.metrics["val/best_accuracy"] for run in runs)
     assert float(champion.tags["val_accuracy"]) == pytest.approx(best)
-    versions = {run.info.run_id: run.data.metrics["val/best_accuracy"] for run in runs}
-    assert versions[champion.run_id] == pytest.approx(best)
+    accuracy_of_run = {run.info.run_id: run.data.metrics["val/best_accuracy"] for run in runs}
+    assert accuracy_of_run[champion.run_id] == pytest.approx(best)
