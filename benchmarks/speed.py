@@ -32,9 +32,10 @@ import torch
 import tutorial
 from PIL import Image
 
-from cifar_experiments import data, engine, experiment, speedups, tracking
+from cifar_experiments import data, engine, experiment, speedups
 from cifar_experiments.callbacks import Tracker
 from cifar_experiments.config import TrainConfig
+from cifar_experiments.tracking import lifecycle
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_START, RESULTS_END = "<!-- results -->", "<!-- /results -->"
@@ -125,7 +126,7 @@ def train(prepared: experiment.Prepared, tracker: Tracker) -> Timing:
 
 
 def train_tracked(prepared: experiment.Prepared) -> Timing:
-    with tracking.mlflow_run(prepared.config) as tracker:
+    with lifecycle.mlflow_run(prepared.config) as tracker:
         return train(prepared, tracker)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import mlflow
 from score_model import accuracy
 
-from cifar_experiments import sweep
+from cifar_experiments.sweep import parent_run
 
 ROOT = Path(__file__).resolve().parents[1]
 # The sweep the issue measures: 6 trials of 3 epochs.
@@ -65,9 +65,9 @@ def main() -> None:
         print(f"sweep: {sweep_seconds:.1f} s", flush=True)
 
         runs = mlflow.search_runs(experiment_names=["sweep"], output_format="list")
-        parents = [run for run in runs if sweep.PARENT_TAG not in run.data.tags]
-        trials = [run for run in runs if sweep.PARENT_TAG in run.data.tags]
-        states = sorted(run.data.tags[sweep.STATE_TAG] for run in trials)
+        parents = [run for run in runs if parent_run.PARENT_TAG not in run.data.tags]
+        trials = [run for run in runs if parent_run.PARENT_TAG in run.data.tags]
+        states = sorted(run.data.tags[parent_run.STATE_TAG] for run in trials)
         statuses = sorted(run.info.status for run in trials)
         searched = [name.removeprefix("space.") for name in parents[0].data.params
                     if name.startswith("space.")]  # fmt: skip
@@ -87,7 +87,7 @@ def main() -> None:
         print(f"registered model on {total} held-out JPEGs: {correct / total:.2%}", flush=True)
 
         serial_seconds = 0.0
-        for run in sorted(trials, key=lambda run: int(run.data.tags[sweep.TRIAL_TAG])):
+        for run in sorted(trials, key=lambda run: int(run.data.tags[parent_run.TRIAL_TAG])):
             values = [f"{name}={run.data.params[name]}" for name in searched]
             command = [*project, "--experiment-name", "serial", "-P", f"epochs={EPOCHS}",
                        "-P", f"data={folder}", "-P", "register=false"]  # fmt: skip

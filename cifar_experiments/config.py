@@ -53,6 +53,44 @@ class PublishedSgd:
 # airbench94's optimiser as published (Jordan 2024, airbench94.py `hyp["opt"]`).
 AIRBENCH94_SGD = PublishedSgd(batch_size=1024, lr=11.5, momentum=0.85, weight_decay=0.0153)
 
+
+@dataclass(frozen=True)
+class Airbench94:
+    """The rest of airbench94's recipe as published (airbench94.py `hyp`, and the `eps` of its
+    whitening), under its own names; each is read where it acts (models.py, engine.py,
+    data.py)."""
+
+    sgd: PublishedSgd
+    label_smoothing: float  # opt.label_smoothing
+    bias_scaler: float  # opt.bias_scaler: batch-norm biases learn this much faster (not decay)
+    whiten_bias_epochs: int  # opt.whiten_bias_epochs: then the whitening bias is frozen
+    lookahead_decay_base: float  # opt.ema.decay_base, per step
+    lookahead_decay_pow: float  # opt.ema.decay_pow: the pull grows as progress to this power
+    lookahead_every_n_steps: int  # opt.ema.every_n_steps
+    translate: int  # aug.translate: pixels of random translation (with alternating flips)
+    batchnorm_momentum: float  # net.batchnorm_momentum (PyTorch's momentum is 1 minus this)
+    scaling_factor: float  # net.scaling_factor: the logits' scale
+    whitening_eps: float  # init_whitening_conv's eps, added to each eigenvalue
+
+
+AIRBENCH94 = Airbench94(
+    sgd=AIRBENCH94_SGD,
+    label_smoothing=0.2,
+    bias_scaler=64.0,
+    whiten_bias_epochs=3,
+    lookahead_decay_base=0.95,
+    lookahead_decay_pow=3.0,
+    lookahead_every_n_steps=5,
+    translate=2,
+    batchnorm_momentum=0.6,
+    scaling_factor=1 / 9,
+    whitening_eps=5e-4,
+)
+
+# The share of training the one-cycle schedule spends warming up linearly from zero, before
+# it decays linearly to zero (airbench's own triangle peaks at 0.23, from 0.2 to 0.07).
+ONE_CYCLE_WARMUP = 0.2
+
 # Each network trains best with its own recipe; an option left unset takes the model's value.
 # lr and weight_decay are in PyTorch's SGD terms for a loss averaged over the batch.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -75,7 +113,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         # the steps gained 0.4 points in 10 epochs (benchmarks/README.md).
         **AIRBENCH94_SGD.in_pytorch_terms(batch_size=AIRBENCH94_SGD.batch_size // 2),
         "nesterov": True,
-        "label_smoothing": 0.2,
+        "label_smoothing": AIRBENCH94.label_smoothing,
         "schedule": "onecycle",
         "lookahead": True,
         # The schedule anneals to zero under lookahead's growing pull, so the last epoch is the
@@ -107,10 +145,28 @@ class ConfigError(ValueError):
 
 
 def option(
+    help: str, default: Any, choices: tuple[str, ...] = (), metavar: str | None = None,
+    *, changes_training: bool = True, may_change_on_resume: bool = False,
+) -> Any:  # fmt: skip
+    """A field that is also a command-line option: its type is the field's annotation.
+
+    `changes_training`: two trainings that differ in it are not the same experiment (a
+    sweep's trials must agree on it). `may_change_on_resume`: a resumed run may take a new
+    value; any other option must be the run's own.
+    """
+    metadata = {"help": help, "choices": choices, "metavar": metavar,
+                "changes_training": changes_training,
+                "may_change_on_resume": may_change_on_resume}  # fmt: skip
+    return field(default=default, metadata=metadata)
+
+
+def _where_and_how(
     help: str, default: Any, choices: tuple[str, ...] = (), metavar: str | None = None
 ) -> Any:
-    """A field that is also a command-line option: its type is the field's annotation."""
-    return field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar})
+    """An option that says where a training runs or is kept, or how it is carried out, not
+    what it learns: it may change on resume, and trials may differ in it."""
+    return option(help, default, choices, metavar, changes_training=False,
+                  may_change_on_resume=True)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -134,7 +190,8 @@ class TrainConfig:
     augment: bool = option(
         "Flips (each image every other epoch) and 2-pixel translations of training batches.", True
     )
-    data: str | None = option(
+    # The folder may move; resuming checks that its images are the run's by their digest.
+    data: str | None = _where_and_how(
         "CIFAR-10 python folder or image folder (train/<class>/*, optional test/<class>/*); "
         "empty downloads CIFAR-10 with torchvision.",
         None,
@@ -150,7 +207,7 @@ class TrainConfig:
         KEEP_EPOCHS,
     )
     seed: int = option("Seed for the split, initialisation, shuffling and augmentation.", 0)
-    device: str = option(
+    device: str = _where_and_how(
         "Where to train; auto picks cuda, then mps, then cpu. Recipes may differ on cuda.",
         "auto",
         DEVICES,
@@ -161,24 +218,26 @@ class TrainConfig:
         "auto",
         PRECISIONS,
     )
-    compile: bool = option("torch.compile the network (pays off on CUDA for long runs).", False)
+    compile: bool = _where_and_how(
+        "torch.compile the network (pays off on CUDA for long runs).", False
+    )
     log_every: int = option("Optimiser steps between points of the training-loss curve.", 10)
-    experiment_name: str = option(
+    experiment_name: str = _where_and_how(
         "MLflow experiment (ignored under `mlflow run`, which chose one).", "cifar10"
     )
-    run_name: str | None = option("MLflow run name; empty lets MLflow pick one.", None)
-    checkpoint_dir: str = option(
+    run_name: str | None = _where_and_how("MLflow run name; empty lets MLflow pick one.", None)
+    checkpoint_dir: str = _where_and_how(
         "Folder for each run's training state (<run id>.pt), saved after every epoch and on "
         "interruption.",
         "checkpoints",
         metavar="PATH",
     )
-    register: bool = option(
+    register: bool = _where_and_how(
         "Register the model as a new version and move the `champion` alias to it when its "
         "validation accuracy beats the champion's.",
         True,
     )
-    model_name: str = option("Registered model name.", "cifar10-classifier")
+    model_name: str = _where_and_how("Registered model name.", "cifar10-classifier")
 
     def __post_init__(self) -> None:
         _check_choice(self, "model")
@@ -219,6 +278,7 @@ _BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "val_fraction": (lambda v: 0 < v < 1, "must be between 0 and 1"),
     "label_smoothing": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "experiment_name": (str.strip, "must not be empty"),
+    "experiment": (str.strip, "must not be empty"),
     "model_name": (str.strip, "must not be empty"),
     "checkpoint_dir": (str.strip, "must not be empty"),
 }
@@ -277,7 +337,7 @@ class SweepConfig:
 
 
 def field_help(name: str) -> str:
-    return TrainConfig.__dataclass_fields__[name].metadata["help"]
+    return str(TrainConfig.__dataclass_fields__[name].metadata["help"])
 
 
 def field_default(name: str) -> Any:
@@ -285,7 +345,34 @@ def field_default(name: str) -> Any:
 
 
 def field_choices(name: str) -> tuple[str, ...]:
-    return TrainConfig.__dataclass_fields__[name].metadata["choices"]
+    return tuple(TrainConfig.__dataclass_fields__[name].metadata["choices"])
+
+
+def changes_training(name: str) -> bool:
+    """Whether training option `name` makes a different experiment (see `option`)."""
+    return bool(TrainConfig.__dataclass_fields__[name].metadata["changes_training"])
+
+
+def may_change_on_resume(name: str) -> bool:
+    """Whether a resumed run may take a new value of training option `name`."""
+    return bool(TrainConfig.__dataclass_fields__[name].metadata["may_change_on_resume"])
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    """What `register` is asked: one run, or the best finished run of an experiment."""
+
+    experiment: str = option(
+        "Experiment whose best finished run (by validation accuracy) is registered.",
+        field_default("experiment_name"),
+    )
+    model_name: str = option(field_help("model_name"), field_default("model_name"))
+    run_id: str | None = option(
+        "Register this run instead of the experiment's best.", None, metavar="RUN_ID"
+    )
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 def value_type(name: str, config_class: type = TrainConfig) -> type:

@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from . import speedups
+from .config import AIRBENCH94
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,9 @@ class TrainingSet:
     cost of padding and flipping each batch.
     """
 
-    def __init__(self, images: ImageSet, augment: bool, max_shift: int = 2) -> None:
+    def __init__(
+        self, images: ImageSet, augment: bool, max_shift: int = AIRBENCH94.translate
+    ) -> None:
         self.images, self.labels = images.images, images.labels
         self.crops = None
         if augment:

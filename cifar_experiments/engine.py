@@ -19,14 +19,12 @@ import torch
 from torch import nn
 
 from . import data, models, speedups
-from .config import TrainConfig
+from .config import AIRBENCH94, ONE_CYCLE_WARMUP, TrainConfig
 from .evaluation import Evaluation
 
 log = logging.getLogger(__name__)
 
 EVAL_BATCH_SIZE = 1000
-# The share of training the one-cycle schedule spends warming up.
-WARMUP_FRACTION = 0.2
 # Training images that data-dependent initialisation (airbench's whitening) looks at.
 INIT_SAMPLE = 5000
 
@@ -85,10 +83,13 @@ def _cpu_has_native_bf16() -> bool:
 
 class Lookahead:
     """Every `every` steps, move a slow copy of the weights toward the live ones and restart
-    the live ones from it (airbench). The pull grows with the cube of training progress, so
-    early training runs free and the end averages over many steps."""
+    the live ones from it (airbench). The pull grows with a power of training progress (the
+    cube), so early training runs free and the end averages over many steps."""
 
-    def __init__(self, model: nn.Module, total_steps: int, every: int = 5) -> None:
+    def __init__(
+        self, model: nn.Module, total_steps: int,
+        every: int = AIRBENCH94.lookahead_every_n_steps,
+    ) -> None:  # fmt: skip
         # The module itself, not a compiled wrapper, whose state_dict names differ.
         self.model, self.total_steps, self.every = model, total_steps, every
         self.slow = {
@@ -101,7 +102,9 @@ class Lookahead:
     def step(self, global_step: int) -> None:
         if global_step % self.every and global_step != self.total_steps:
             return
-        keep = 0.95**self.every * (global_step / self.total_steps) ** 3
+        progress = global_step / self.total_steps
+        decay, power = AIRBENCH94.lookahead_decay_base, AIRBENCH94.lookahead_decay_pow
+        keep = decay**self.every * progress**power
         live = self.model.state_dict()
         for name, slow in self.slow.items():
             slow.lerp_(live[name], 1 - keep)
@@ -145,7 +148,7 @@ def lr_factor(schedule: str, step: int, total_steps: int) -> float:
     if schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * progress))
     if schedule == "onecycle":  # linear warm-up, then linear decay to zero
-        warmup = WARMUP_FRACTION
+        warmup = ONE_CYCLE_WARMUP
         return progress / warmup if progress < warmup else (1 - progress) / (1 - warmup)
     raise ValueError(f"unknown schedule {schedule!r}")
 

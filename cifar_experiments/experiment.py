@@ -15,22 +15,16 @@ from typing import Any
 
 import mlflow
 import torch
-from mlflow.exceptions import MlflowException
 
-from . import checkpoint, data, engine, models, registry, serving, speedups, tracking
+from . import checkpoint, data, engine, models, registry, serving, speedups
 from .callbacks import Checkpointing, ProgressBar, StopOnDivergence, Tracker
-from .config import TrainConfig, field_default
+from .config import TrainConfig, field_default, may_change_on_resume
 from .evaluation import Evaluation, curves_figure
 from .interrupts import Interrupted, StopRequests
+from .tracking import lifecycle, past_runs, store
+from .tracking.keys import BEST_VAL_METRIC
 
 log = logging.getLogger(__name__)
-
-
-# Options a resumed run may take anew; every other one must be the run's own.
-CHANGEABLE_ON_RESUME = frozenset(
-    {"data", "checkpoint_dir", "device", "compile", "register", "model_name",
-     "experiment_name", "run_name"}
-)  # fmt: skip
 
 
 class ResumeError(ValueError):
@@ -55,6 +49,7 @@ class Prepared:
     val: data.ImageSet
     runtime: engine.Runtime
     resumption: Resumption | None = None
+    project_run: str | None = None  # the run `mlflow run` made for this training, if it did
 
 
 @dataclass(frozen=True)
@@ -67,20 +62,24 @@ class Summary:
 
 
 def prepare(
-    config: TrainConfig, resumption: Resumption | None = None, dataset: data.Dataset | None = None
+    config: TrainConfig,
+    resumption: Resumption | None = None,
+    dataset: data.Dataset | None = None,
+    project_run: str | None = None,
 ) -> Prepared:
     """Check the store, the checkpoint folder and the device, then load (unless `dataset` is
-    config.data, loaded already) and split the data.
+    config.data, loaded already) and split the data. `project_run` is the run `mlflow run`
+    made for this training, if it started us.
 
     Raises TrackingError, CheckpointError, DeviceUnavailable, DataError or ResumeError, each
     before a run exists.
     """
-    tracking.check_store()
-    if tracking.PROJECT_RUN_ENV not in os.environ:  # else `mlflow run` has made the run already
+    store.check_store()
+    if project_run is None:  # else `mlflow run` has made the run already
         experiment_name = (
-            tracking.experiment_of(resumption.run_id) if resumption else config.experiment_name
+            store.experiment_of(resumption.run_id) if resumption else config.experiment_name
         )
-        tracking.check_can_train_in(experiment_name)
+        store.check_can_train_in(experiment_name)
     checkpoint.check_writable(Path(config.checkpoint_dir))
     runtime = engine.Runtime.resolve(config.device, config.precision)
     if dataset is None:
@@ -93,18 +92,18 @@ def prepare(
                 f"{resumption.run_id} was trained on (digest {trained_on})"
             )
     train, val = data.stratified_split(dataset.train, config.val_fraction, config.seed)
-    return Prepared(config, dataset, train, val, runtime, resumption)
+    return Prepared(config, dataset, train, val, runtime, resumption, project_run)
 
 
 def plan_resume(run_id: str, options: dict[str, Any]) -> tuple[TrainConfig, Resumption] | None:
     """The configuration and saved state to continue `run_id` with, or None if it finished.
 
     Options left at their defaults take the run's values; any other must match the run's,
-    except those in CHANGEABLE_ON_RESUME.
+    except those that may change on resume (config.option).
     """
     try:
-        past = tracking.find_run(run_id)
-    except tracking.TrackingError as error:
+        past = past_runs.find_run(run_id)
+    except store.TrackingError as error:
         raise ResumeError(str(error)) from None
     if past.status == "FINISHED":
         return None
@@ -113,7 +112,7 @@ def plan_resume(run_id: str, options: dict[str, Any]) -> tuple[TrainConfig, Resu
     path = past.checkpoint
     if path is None or not path.is_file():
         folder = Path(options.get("checkpoint_dir") or field_default("checkpoint_dir"))
-        path = tracking.download_checkpoint(run_id, folder / f"{run_id}-downloaded")
+        path = past_runs.download_checkpoint(run_id, folder / f"{run_id}-downloaded")
     if path is None:
         raise ResumeError(
             f"run {run_id} has no checkpoint: it stopped before its first epoch ended, so "
@@ -124,7 +123,7 @@ def plan_resume(run_id: str, options: dict[str, Any]) -> tuple[TrainConfig, Resu
     conflicts = [
         f"--{name.replace('_', '-')} {original[name]}"
         for name, value in options.items()
-        if name not in CHANGEABLE_ON_RESUME
+        if not may_change_on_resume(name)
         and value != field_default(name)
         and value != original[name]
     ]
@@ -136,7 +135,7 @@ def plan_resume(run_id: str, options: dict[str, Any]) -> tuple[TrainConfig, Resu
     changes = {
         name: value
         for name, value in options.items()
-        if name in CHANGEABLE_ON_RESUME and value != field_default(name)
+        if may_change_on_resume(name) and value != field_default(name)
     }
     return TrainConfig(**{**original, **changes}), Resumption(run_id, state)
 
@@ -188,7 +187,22 @@ def run(
     deferred = stop.deferred() if stop is not None else contextlib.nullcontext()
     with deferred, progress:
         fit = engine.fit(state, prepared.val, [*plugged, *callbacks])
-    tracker.log_metrics({tracking.BEST_VAL_METRIC: fit.kept_val.accuracy}, step=fit.kept_epoch)
+    test = _record_results(prepared, state, fit, tracker)
+    return Summary(
+        run_id=tracker.run_id,
+        kept_epoch=fit.kept_epoch,
+        val_accuracy=fit.kept_val.accuracy,
+        test_accuracy=test.accuracy if test is not None else None,
+    )
+
+
+def _record_results(
+    prepared: Prepared, state: engine.TrainingState, fit: engine.FitResult, tracker: Tracker
+) -> Evaluation | None:
+    """Once training is over: the kept epoch's scores, the test split's (if any), the curves,
+    the model and the run's description. Answers the test split's evaluation."""
+    config, dataset = prepared.config, prepared.dataset
+    tracker.log_metrics({BEST_VAL_METRIC: fit.kept_val.accuracy}, step=fit.kept_epoch)
     tracker.log_evaluation("val", fit.kept_val, prepared.val)
     tracker.log_figure(curves_figure(fit.history), "training_curves.png")
     test = None
@@ -213,12 +227,7 @@ def run(
         example_png=data.encode_png(prepared.val.images[0]),
     )  # fmt: skip
     tracker.set_description(_description(prepared, fit, test))
-    return Summary(
-        run_id=tracker.run_id,
-        kept_epoch=fit.kept_epoch,
-        val_accuracy=fit.kept_val.accuracy,
-        test_accuracy=test.accuracy if test is not None else None,
-    )
+    return test
 
 
 def _params(prepared: Prepared, state: engine.TrainingState) -> dict[str, Any]:
@@ -252,12 +261,12 @@ def train(
 
     The training state is checkpointed after every epoch and on a stop request; a stopped
     run raises Interrupted, carrying its run ID. A registration that fails leaves the run
-    FINISHED and raises RegistrationFailed. `tags` go on a new run as it starts.
+    FINISHED and raises registry.RegistrationFailed. `tags` go on a new run as it starts.
     """
     config, resumption = prepared.config, prepared.resumption
     run_id = resumption.run_id if resumption is not None else None
     try:
-        with tracking.mlflow_run(config, run_id, tags) as tracker:
+        with lifecycle.mlflow_run(config, run_id, tags, prepared.project_run) as tracker:
             run_id = tracker.run_id
             checkpoints = checkpoint.CheckpointFile(
                 Path(config.checkpoint_dir).resolve() / f"{run_id}.pt",
@@ -272,19 +281,8 @@ def train(
         raise
     if not config.register or summary.run_id is None:
         return summary
-    try:
-        registration = registry.register_run(summary.run_id, config.model_name)
-    except (MlflowException, registry.RegistryError) as error:
-        raise RegistrationFailed(summary, getattr(error, "message", str(error))) from error
+    registration = registry.register_finished(summary, summary.run_id, config.model_name)
     return replace(summary, registration=registration)
-
-
-class RegistrationFailed(Exception):
-    """The run finished, but registering its model did not; `register` can try again."""
-
-    def __init__(self, summary: Summary, reason: str) -> None:
-        super().__init__(reason)
-        self.summary, self.reason = summary, reason
 
 
 def _description(prepared: Prepared, fit: engine.FitResult, test: Evaluation | None) -> str:

@@ -6,13 +6,14 @@ Selection is on validation accuracy, never on test accuracy.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from .config import CHAMPION_ALIAS as CHAMPION
-from .tracking import BEST_VAL_METRIC
+from .tracking.keys import BEST_VAL_METRIC
 
 
 class RegistryError(ValueError):
@@ -53,6 +54,25 @@ def register_run(run_id: str, name: str) -> Registration:
         version = str(mlflow.register_model(source, name, tags=tags).version)
         client.update_model_version(name, version, description=_description(run, val, test))
     return _crown_best(client, name, version, val)
+
+
+class RegistrationFailed(Exception):
+    """What was asked finished (`result`: a training's summary, a sweep's outcome), but
+    registering run `run_id` did not; `cifar-experiments register` can try again."""
+
+    def __init__(self, result: Any, run_id: str, name: str, reason: str) -> None:
+        super().__init__(reason)
+        self.result, self.run_id, self.name, self.reason = result, run_id, name, reason
+
+
+def register_finished(result: Any, run_id: str, name: str) -> Registration:
+    """`register_run` for the run that `result` finished; RegistrationFailed, carrying it,
+    when the registry refuses or cannot be reached."""
+    try:
+        return register_run(run_id, name)
+    except (MlflowException, RegistryError) as error:
+        reason = getattr(error, "message", str(error))
+        raise RegistrationFailed(result, run_id, name, reason) from error
 
 
 def best_finished_run(experiment_name: str) -> str:

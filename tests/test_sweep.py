@@ -17,7 +17,8 @@ import pytest
 from click.testing import CliRunner
 from helpers import ROOT, local_env, write_image_folder
 
-from cifar_experiments import engine, sweep
+from cifar_experiments import engine, search_space
+from cifar_experiments.sweep import parent_run, study, workers
 from cifar_experiments.cli import cli
 from cifar_experiments.config import SweepConfig, TrainConfig
 from cifar_experiments.interrupts import StopRequests
@@ -32,15 +33,15 @@ def run_sweep(*args: str):
 def children(parent_run_id: str) -> list[mlflow.entities.Run]:
     runs = mlflow.search_runs(
         search_all_experiments=True,
-        filter_string=f"tags.`{sweep.PARENT_TAG}` = '{parent_run_id}'",
+        filter_string=f"tags.`{parent_run.PARENT_TAG}` = '{parent_run_id}'",
         output_format="list",
     )
-    return sorted(runs, key=lambda run: int(run.data.tags[sweep.TRIAL_TAG]))
+    return sorted(runs, key=lambda run: int(run.data.tags[parent_run.TRIAL_TAG]))
 
 
 def only_parent() -> mlflow.entities.Run:
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    (parent,) = [run for run in runs if sweep.PARENT_TAG not in run.data.tags]
+    (parent,) = [run for run in runs if parent_run.PARENT_TAG not in run.data.tags]
     return parent
 
 
@@ -52,9 +53,9 @@ def test_a_sweep_nests_its_trials_and_registers_only_the_best(image_folder, tmp_
 
     parent = only_parent()
     trials = children(parent.info.run_id)
-    assert [run.data.tags[sweep.TRIAL_TAG] for run in trials] == ["0", "1", "2"]
+    assert [run.data.tags[parent_run.TRIAL_TAG] for run in trials] == ["0", "1", "2"]
     assert all(run.info.status == "FINISHED" for run in trials)
-    assert all(run.data.tags[sweep.STATE_TAG] == "complete" for run in trials)
+    assert all(run.data.tags[parent_run.STATE_TAG] == "complete" for run in trials)
     assert len({run.data.params["lr"] for run in trials}) == 3, "each trial tries its own lr"
     assert trials[0].data.params["lr"] == "0.07", "the first trial is the recipe's"
     assert {run.data.params["batch_size"] for run in trials} == {"8"}, "fixed for every trial"
@@ -67,7 +68,7 @@ def test_a_sweep_nests_its_trials_and_registers_only_the_best(image_folder, tmp_
     vals = {run.info.run_id: run.data.metrics["val/best_accuracy"] for run in trials}
     best_run = max(trials, key=lambda run: (vals[run.info.run_id], -run.info.start_time))
     assert parent.data.tags["best_run_id"] == best_run.info.run_id
-    history = mlflow.MlflowClient().get_metric_history(parent.info.run_id, sweep.BEST_METRIC)
+    history = mlflow.MlflowClient().get_metric_history(parent.info.run_id, parent_run.BEST_METRIC)
     assert [point.step for point in history] == [0, 1, 2]
     assert history[-1].value == max(vals.values())
     assert [p.value for p in history] == sorted(p.value for p in history), "best so far only rises"
@@ -82,7 +83,7 @@ def test_a_sweep_nests_its_trials_and_registers_only_the_best(image_folder, tmp_
     assert version.run_id == best_run.info.run_id
     champion = mlflow.MlflowClient().get_model_version_by_alias("cifar10-classifier", "champion")
     assert champion.version == version.version
-    assert f"Best: trial {best_run.data.tags[sweep.TRIAL_TAG]}" in result.output
+    assert f"Best: trial {best_run.data.tags[parent_run.TRIAL_TAG]}" in result.output
     parent_page = f"#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
     assert f"then open http://127.0.0.1:5000/{parent_page}?workflowType=machine_learning" in (
         result.output
@@ -92,22 +93,22 @@ def test_a_sweep_nests_its_trials_and_registers_only_the_best(image_folder, tmp_
 def test_a_pruned_trial_stops_early_and_finishes_tagged_pruned(image_folder, monkeypatch):
     """The median pruner (told to judge after one trial) stops a trial that trails the first
     at the same epoch: its run ends FINISHED, with fewer epochs, tagged pruned."""
-    monkeypatch.setattr(sweep, "STARTUP_TRIALS", 1)
-    space = sweep.search_space.parse({"lr": {"low": 1e-7, "high": 0.5, "log": True}}, "test")
+    monkeypatch.setattr(study, "STARTUP_TRIALS", 1)
+    space = search_space.parse({"lr": {"low": 1e-7, "high": 0.5, "log": True}}, "test")
     base = TrainConfig(epochs=4, batch_size=8, data=str(image_folder), augment=False)
-    plan = sweep.plan(SweepConfig(trials=3, sampler="random"), vars(base).copy(), space)
+    plan = study.plan(SweepConfig(trials=3, sampler="random"), vars(base).copy(), space)
     study = optuna.load_study(study_name=plan.study_name, storage=plan.storage)
     study.enqueue_trial({"lr": 0.1})  # after the recipe's own lr, another that learns
     study.enqueue_trial({"lr": 1e-7})  # and one that cannot
-    outcome = sweep.run(plan, StopRequests())
+    outcome = workers.run(plan, StopRequests())
 
     assert outcome.states == {"complete": 2, "pruned": 1}
     recipe, good, hopeless = children(plan.parent_run_id)
     assert recipe.data.params["lr"] == str(base.lr), "the first trial is the recipe"
-    assert hopeless.info.status == "FINISHED" and hopeless.data.tags[sweep.STATE_TAG] == "pruned"
+    assert hopeless.info.status == "FINISHED" and hopeless.data.tags[parent_run.STATE_TAG] == "pruned"
     epochs = mlflow.MlflowClient().get_metric_history(hopeless.info.run_id, "val/accuracy")
-    assert len(epochs) == sweep.warmup_epochs(4) < 4, "judged once its warm-up was over"
-    assert good.data.tags[sweep.STATE_TAG] == "complete"
+    assert len(epochs) == study.warmup_epochs(4) < 4, "judged once its warm-up was over"
+    assert good.data.tags[parent_run.STATE_TAG] == "complete"
     assert outcome.best_run_id in (recipe.info.run_id, good.info.run_id)
 
 
@@ -125,10 +126,10 @@ def test_a_failing_trial_is_marked_failed_with_its_reason_and_the_sweep_goes_on(
     assert "No trial completed, so nothing is registered" in result.output
     parent = only_parent()
     (diverged,) = children(parent.info.run_id)  # the other trial never got as far as a run
-    assert diverged.info.status == "FAILED" and diverged.data.tags[sweep.STATE_TAG] == "failed"
+    assert diverged.info.status == "FAILED" and diverged.data.tags[parent_run.STATE_TAG] == "failed"
     assert "training diverged" in diverged.data.tags["error"]
-    study = optuna.load_study(study_name="cifar10-tutorial", storage=sweep.default_storage())
-    reasons = sorted(t.user_attrs[sweep.FAILURE_ATTR] for t in study.trials)
+    study = optuna.load_study(study_name="cifar10-tutorial", storage=study.default_storage())
+    reasons = sorted(t.user_attrs[study.FAILURE_ATTR] for t in study.trials)
     assert reasons[0].startswith("nesterov: needs a momentum") and "diverged" in reasons[1]
     assert not mlflow.MlflowClient().search_registered_models()
 
@@ -153,14 +154,14 @@ def test_a_worker_that_fails_ends_the_sweep_with_its_reason_in_one_line(tmp_path
     worker, and the parent names the worker and the error, not just an exit status."""
     folder = write_image_folder(tmp_path / "images", {"train": 20})
     base = TrainConfig(epochs=1, batch_size=8, data=str(folder))
-    plan = sweep.plan(
+    plan = study.plan(
         SweepConfig(trials=2, workers=2),
         vars(base).copy(),
-        sweep.search_space.parse({"lr": [0.01, 0.02]}, "test"),
+        search_space.parse({"lr": [0.01, 0.02]}, "test"),
     )
     shutil.rmtree(folder)
-    with pytest.raises(sweep.SweepError) as failure:
-        sweep.run(plan, StopRequests())
+    with pytest.raises(study.SweepError) as failure:
+        workers.run(plan, StopRequests())
     assert re.fullmatch(r"worker-[01] failed \(exit status 1\): DataError: .*", str(failure.value))
     assert str(folder) in str(failure.value)
 
@@ -201,7 +202,7 @@ def test_continuing_a_study_with_other_settings_is_refused(image_folder):
 
 
 def test_warmup_protects_the_first_epochs():
-    assert [sweep.warmup_epochs(n) for n in (1, 3, 5, 10, 11)] == [1, 1, 1, 2, 3]
+    assert [study.warmup_epochs(n) for n in (1, 3, 5, 10, 11)] == [1, 1, 1, 2, 3]
     assert engine.lr_factor("onecycle", 20, 100) == 1.0  # the warm-up's last step: the peak
 
 
@@ -219,7 +220,7 @@ def test_two_workers_share_one_study_and_the_cores(image_folder, tracking_store,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     trials = children(only_parent().info.run_id)
-    assert sorted(run.data.tags[sweep.TRIAL_TAG] for run in trials) == ["0", "1", "2", "3"]
+    assert sorted(run.data.tags[parent_run.TRIAL_TAG] for run in trials) == ["0", "1", "2", "3"]
     processes = {run.data.tags["process"] for run in trials}
     assert len(processes) == 2, "two worker processes shared the trials"
     assert "[worker 0]" in done.stderr and "[worker 1]" in done.stderr
@@ -239,7 +240,7 @@ def test_ctrl_c_stops_the_sweep_and_the_same_command_continues_it(tmp_path, trac
             time.sleep(0.5)
             assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-            trials = [r for r in runs if sweep.PARENT_TAG in r.data.tags]
+            trials = [r for r in runs if parent_run.PARENT_TAG in r.data.tags]
             if sorted(r.info.status for r in trials) == ["FINISHED", "RUNNING"]:
                 break
         os.kill(first.pid, signal.SIGINT)
@@ -248,14 +249,14 @@ def test_ctrl_c_stops_the_sweep_and_the_same_command_continues_it(tmp_path, trac
     parent = only_parent()
     assert parent.info.status == "KILLED"
     (interrupted,) = [r for r in children(parent.info.run_id) if r.info.status == "KILLED"]
-    assert interrupted.data.tags[sweep.STATE_TAG] == "interrupted"
+    assert interrupted.data.tags[parent_run.STATE_TAG] == "interrupted"
 
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert only_parent().info.run_id == parent.info.run_id
     assert only_parent().info.status == "FINISHED"
     finished = [r for r in children(parent.info.run_id) if r.info.status == "FINISHED"]
-    numbers = [r.data.tags[sweep.TRIAL_TAG] for r in finished]
+    numbers = [r.data.tags[parent_run.TRIAL_TAG] for r in finished]
     assert len(numbers) == 3 and "0" in numbers, "trial 0 was kept, not run again"
 
 

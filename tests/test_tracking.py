@@ -6,7 +6,7 @@ import time
 import mlflow
 import pytest
 
-from cifar_experiments import tracking
+from cifar_experiments.tracking import keys, lifecycle, links, outage, past_runs, recorder, store
 from cifar_experiments.config import TrainConfig
 from cifar_experiments.interrupts import Interrupted
 
@@ -16,8 +16,8 @@ def history(run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 def test_metrics_wait_for_a_flush_and_then_all_arrive(monkeypatch):
-    monkeypatch.setattr(tracking.MlflowTracker, "FLUSH_SECONDS", 3600)
-    with tracking.mlflow_run(TrainConfig(experiment_name="t")) as tracker:
+    monkeypatch.setattr(recorder.MlflowTracker, "FLUSH_SECONDS", 3600)
+    with lifecycle.mlflow_run(TrainConfig(experiment_name="t")) as tracker:
         for step in range(1, 1201):  # more than one batch of MLflow's 1000
             tracker.log_metrics({"train/loss": 1 / step}, step=step)
         assert history(tracker.run_id, "train/loss") == []
@@ -26,10 +26,10 @@ def test_metrics_wait_for_a_flush_and_then_all_arrive(monkeypatch):
 
 
 def test_a_resumed_run_keeps_each_step_once(monkeypatch):
-    with tracking.mlflow_run(TrainConfig(experiment_name="t")) as first:
+    with lifecycle.mlflow_run(TrainConfig(experiment_name="t")) as first:
         first.log_metrics({"val/accuracy": 0.5}, step=1)
         first.log_metrics({"val/accuracy": 0.6}, step=2)
-    with tracking.mlflow_run(TrainConfig(experiment_name="t"), first.run_id) as again:
+    with lifecycle.mlflow_run(TrainConfig(experiment_name="t"), first.run_id) as again:
         for step, value in ((2, 0.6), (3, 0.7)):  # step 2 replayed from the checkpoint
             again.log_metrics({"val/accuracy": value}, step=step)
     assert history(first.run_id, "val/accuracy") == [(1, 0.5), (2, 0.6), (3, 0.7)]
@@ -47,15 +47,15 @@ def test_a_run_always_ends_with_its_status_and_reason(tmp_path, error, status, t
     saved = tmp_path / "state.pt"
     saved.write_bytes(b"checkpoint")
     expected = pytest.raises(type(error)) if error else contextlib.nullcontext()
-    with expected, tracking.mlflow_run(TrainConfig(experiment_name="t")) as tracker:
+    with expected, lifecycle.mlflow_run(TrainConfig(experiment_name="t")) as tracker:
         tracker.record_checkpoint(saved)
         if error:
             raise error
     run = mlflow.MlflowClient().get_run(tracker.run_id)
     assert run.info.status == status
-    assert run.data.tags.get(tracking.ERROR_TAG) == tag
-    assert run.data.tags[tracking.CHECKPOINT_TAG] == str(saved)
-    assert tracking.download_checkpoint(tracker.run_id, tmp_path / "back").read_bytes() == (
+    assert run.data.tags.get(keys.ERROR_TAG) == tag
+    assert run.data.tags[keys.CHECKPOINT_TAG] == str(saved)
+    assert past_runs.download_checkpoint(tracker.run_id, tmp_path / "back").read_bytes() == (
         b"checkpoint"
     )
 
@@ -76,26 +76,26 @@ def test_a_server_lost_mid_run_is_told_in_a_line_with_where_its_checkpoint_is(
     tmp_path, reason, message
 ):
     error = mlflow.exceptions.MlflowException(message)
-    assert tracking.server_lost(error)
+    assert outage.server_lost(error)
     saved = tmp_path / "run.pt"
     saved.write_bytes(b"state")
-    assert str(tracking.ServerLost("abc", saved, error)) == (
-        f"lost the tracking server {tracking.tracking_uri()} ({reason}) during run abc; its "
+    assert str(outage.ServerLost("abc", saved, error)) == (
+        f"lost the tracking server {store.tracking_uri()} ({reason}) during run abc; its "
         f"checkpoint is in {saved}"
     )
-    assert str(tracking.ServerLost("abc", None, error)).endswith("before its first checkpoint")
+    assert str(outage.ServerLost("abc", None, error)).endswith("before its first checkpoint")
 
 
 def test_only_an_unanswering_or_failing_server_counts_as_lost():
     from mlflow.exceptions import MlflowException
     from mlflow.protos import databricks_pb2 as codes
 
-    assert tracking.server_lost(MlflowException("database down", error_code=codes.INTERNAL_ERROR))
-    assert not tracking.server_lost(
+    assert outage.server_lost(MlflowException("database down", error_code=codes.INTERNAL_ERROR))
+    assert not outage.server_lost(
         MlflowException("gone", error_code=codes.RESOURCE_DOES_NOT_EXIST)
     )
-    assert not tracking.server_lost(MlflowException("denied", error_code=codes.PERMISSION_DENIED))
-    assert not tracking.server_lost(RuntimeError(API_FAILED))
+    assert not outage.server_lost(MlflowException("denied", error_code=codes.PERMISSION_DENIED))
+    assert not outage.server_lost(RuntimeError(API_FAILED))
 
 
 def test_a_refusal_in_an_experiment_made_just_now_is_waited_out_and_an_old_one_is_not(
@@ -106,7 +106,7 @@ def test_a_refusal_in_an_experiment_made_just_now_is_waited_out_and_an_old_one_i
     from mlflow.exceptions import MlflowException
     from mlflow.protos import databricks_pb2 as codes
 
-    monkeypatch.setattr(tracking.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(store.time, "sleep", lambda seconds: None)
 
     def refused_twice():
         answers = iter([False, False, True])
@@ -122,13 +122,13 @@ def test_a_refusal_in_an_experiment_made_just_now_is_waited_out_and_an_old_one_i
         made = int((time.time() - made_seconds_ago) * 1000)
         return mlflow.entities.Experiment("1", "e", "", "active", creation_time=made)
 
-    assert tracking._once_granted(experiment(made_seconds_ago=1), refused_twice()) == "run"
+    assert store.once_granted(experiment(made_seconds_ago=1), refused_twice()) == "run"
     with pytest.raises(MlflowException, match="Permission denied"):
-        tracking._once_granted(experiment(made_seconds_ago=3600), refused_twice())
+        store.once_granted(experiment(made_seconds_ago=3600), refused_twice())
 
 
 def test_params_already_logged_by_mlflow_run_are_kept_as_typed():
-    with tracking.mlflow_run(TrainConfig(experiment_name="t")) as tracker:
+    with lifecycle.mlflow_run(TrainConfig(experiment_name="t")) as tracker:
         mlflow.log_param("lr", "2e-2")  # as `mlflow run -P lr=2e-2` logs it
         tracker.log_params({"lr": 0.02, "epochs": 3})
     params = mlflow.MlflowClient().get_run(tracker.run_id).data.params
@@ -136,39 +136,39 @@ def test_params_already_logged_by_mlflow_run_are_kept_as_typed():
 
 
 def test_finding_runs_and_the_store(tmp_path, monkeypatch):
-    with pytest.raises(tracking.TrackingError, match="no run 0000"):
-        tracking.find_run("0" * 32)
+    with pytest.raises(store.TrackingError, match="no run 0000"):
+        past_runs.find_run("0" * 32)
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri("sqlite:///relative.db")
-    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'relative.db'}"
-    tracking.check_store()  # creates the store's tables, under its lock
+    assert store.tracking_uri() == f"sqlite:///{tmp_path / 'relative.db'}"
+    store.check_store()  # creates the store's tables, under its lock
     assert (tmp_path / "relative.db").is_file()
 
 
 def test_the_ui_address_printed_is_the_servers_own_or_the_command_that_starts_one(monkeypatch):
     page = "#/experiments/3/runs/abc?workflowType=machine_learning"
     mlflow.set_tracking_uri("http://alice:s3cret@tracking.example:5000/")
-    assert tracking.browse(page) == f"open http://tracking.example:5000/{page}"
+    assert links.browse(page) == f"open http://tracking.example:5000/{page}"
     mlflow.set_tracking_uri("sqlite:////data/mlflow.db")
-    assert tracking.browse(page) == (
+    assert links.browse(page) == (
         f"mlflow ui --backend-store-uri sqlite:////data/mlflow.db, then open "
         f"http://127.0.0.1:5000/{page}"
     )
 
 
 def test_experiments_used_are_marked_for_model_training_once_and_never_overwritten():
-    with tracking.mlflow_run(TrainConfig(experiment_name="t")) as tracker:
+    with lifecycle.mlflow_run(TrainConfig(experiment_name="t")) as tracker:
         pass
     client = mlflow.MlflowClient()
     experiment_id = client.get_run(tracker.run_id).info.experiment_id
     assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == (
         "custom_model_development"
     )
-    assert tracking.run_page(tracker.run_id) == (
+    assert links.run_page(tracker.run_id) == (
         f"#/experiments/{experiment_id}/runs/{tracker.run_id}?workflowType=machine_learning"
     )
     client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "genai_development")
-    tracking.mark_as_training(experiment_id)  # someone chose otherwise: theirs to keep
+    store.mark_as_training(experiment_id)  # someone chose otherwise: theirs to keep
     assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == (
         "genai_development"
     )

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from ui_pages import browser_missing, chromium, mlflow_ui, run_pages, visit
 
-from cifar_experiments import tracking
+from cifar_experiments.tracking import links
 from cifar_experiments.cli import cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -39,11 +39,11 @@ def test_the_printed_link_opens_the_run_and_its_pages_render(
     link = re.search(r"then open (\S+)$", result.stdout.strip().splitlines()[-1]).group(1)
     (run,) = mlflow.search_runs(experiment_names=["ui"], output_format="list")
     pages = {p.name: p for p in run_pages(run.info.experiment_id, run.info.run_id, name)}
-    assert link == f"{tracking.UI_ADDRESS}/{pages['run'].path}"
+    assert link == f"{links.UI_ADDRESS}/{pages['run'].path}"
 
     with mlflow_ui(tracking_store, tmp_path / "mlflow-ui.log") as url, chromium() as driver:
         # A fresh browser, so nothing remembered picks the view: the link alone must.
-        visit(driver, link.replace(tracking.UI_ADDRESS, url), pages["run"],
+        visit(driver, link.replace(links.UI_ADDRESS, url), pages["run"],
               screenshots / "printed-link.png")  # fmt: skip
         for page in pages.values():
             visit(driver, f"{url}/{page.path}", page, screenshots / f"{page.name}.png")

@@ -11,7 +11,7 @@ import optuna
 import pytest
 from team_services import DB_PASSWORD, LIMIT, assert_every_point_once, logged_in, start
 
-from cifar_experiments import sweep
+from cifar_experiments.sweep import parent_run, study
 
 pytestmark = [pytest.mark.slow, pytest.mark.team]
 
@@ -48,13 +48,13 @@ def test_two_machines_sweep_one_study_with_no_trial_run_twice(
         experiment = client.get_experiment_by_name("team-sweep")
         runs = client.search_runs([experiment.experiment_id])
         registered = client.search_model_versions("name = 'cifar10-classifier'")
-    parents = [run for run in runs if sweep.PARENT_TAG not in run.data.tags]
-    children = [run for run in runs if sweep.PARENT_TAG in run.data.tags]
+    parents = [run for run in runs if parent_run.PARENT_TAG not in run.data.tags]
+    children = [run for run in runs if parent_run.PARENT_TAG in run.data.tags]
     assert len(parents) == 1, "one parent run for the study"
-    assert {run.data.tags[sweep.PARENT_TAG] for run in children} == {parents[0].info.run_id}
-    numbers = sorted(int(run.data.tags[sweep.TRIAL_TAG]) for run in children)
+    assert {run.data.tags[parent_run.PARENT_TAG] for run in children} == {parents[0].info.run_id}
+    numbers = sorted(int(run.data.tags[parent_run.TRIAL_TAG]) for run in children)
     assert numbers == list(range(6)), "each trial once, as one run"
-    ran = [trial for trial in trials if not trial.user_attrs.get(sweep.SURPLUS_ATTR)]
+    ran = [trial for trial in trials if not trial.user_attrs.get(study.SURPLUS_ATTR)]
     assert sorted(trial.number for trial in ran) == numbers
     assert len({run.data.tags["process"] for run in children}) == 2, "both machines took trials"
     best_run = parents[0].data.tags["best_run_id"]
@@ -68,7 +68,7 @@ def test_eight_trainings_at_once_finish_whole_and_champion_ends_on_the_best(
     env = tracking_server.user_env("bob", users["bob"], OMP_NUM_THREADS="1")
     # Into an experiment that exists, as a team's load goes. Eight processes that create one
     # together were now and then refused in it (403 on runs/create), even after waiting 10 s
-    # for MLflow to grant its creator MANAGE (tracking._once_granted); not yet explained.
+    # for MLflow to grant its creator MANAGE (tracking.store.once_granted); not yet explained.
     with logged_in("bob", users["bob"]):
         mlflow.MlflowClient(tracking_server.url).create_experiment("bobs-load")
     started = time.monotonic()

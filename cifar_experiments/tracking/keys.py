@@ -1,0 +1,14 @@
+"""The names under which a run is recorded, where one module writes and another reads."""
+
+# The run-level figure that model selection reads: validation accuracy of the kept epoch.
+BEST_VAL_METRIC = "val/best_accuracy"
+# Why a run failed or was stopped, in a line.
+ERROR_TAG = "error"
+# Where the run keeps its training state on this machine, and who is running it.
+CHECKPOINT_TAG = "checkpoint"
+PROCESS_TAG = "process"
+# The run's last checkpoint among its artifacts, for resuming on another machine.
+CHECKPOINT_ARTIFACT_DIR = "checkpoint"
+# MLflow's UI opens an experiment in its GenAI mode unless told it is for model training.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"

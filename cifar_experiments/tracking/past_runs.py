@@ -1,0 +1,49 @@
+"""What resuming needs to know of an earlier run, and its checkpoint when the local file is
+gone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from .keys import CHECKPOINT_ARTIFACT_DIR, CHECKPOINT_TAG, PROCESS_TAG
+from .store import TrackingError, tracking_uri
+
+
+@dataclass(frozen=True)
+class PastRun:
+    run_id: str
+    status: str
+    checkpoint: Path | None
+    process: str | None  # "host:pid" of the process that last ran it
+    env_manager: str | None  # how `mlflow run` made its environment, if it started the run
+
+
+def find_run(run_id: str) -> PastRun:
+    """Look up a run to resume; raises TrackingError when there is no such run."""
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException as error:
+        raise TrackingError(f"no run {run_id} in {tracking_uri()}") from error
+    tags = run.data.tags
+    path = tags.get(CHECKPOINT_TAG)
+    return PastRun(
+        run_id,
+        run.info.status,
+        Path(path) if path else None,
+        tags.get(PROCESS_TAG),
+        tags.get("mlflow.project.env"),
+    )
+
+
+def download_checkpoint(run_id: str, destination: Path) -> Path | None:
+    """The run's last checkpoint from its artifacts, for when the local file is gone."""
+    client = mlflow.MlflowClient()
+    logged = [f.path for f in client.list_artifacts(run_id, CHECKPOINT_ARTIFACT_DIR)]
+    if not logged:
+        return None
+    destination.mkdir(parents=True, exist_ok=True)
+    return Path(client.download_artifacts(run_id, logged[0], str(destination)))

@@ -1,0 +1,157 @@
+"""`MlflowTracker` records a training run into MLflow behind the `callbacks.Tracker`
+interface: params, batched metrics, the data set, pictures, evaluations and the model."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import numpy as np
+import torch
+from matplotlib import pyplot as plt
+from matplotlib.figure import Figure
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Metric
+
+from .. import serving
+from ..callbacks import Tracker
+from .keys import CHECKPOINT_TAG
+from .store import with_retries
+
+if TYPE_CHECKING:
+    from ..data import Dataset, ImageSet
+    from ..engine import TrainingState
+    from ..evaluation import Evaluation
+
+WEIGHTS_FILE = "cifar_net.pth"
+MODEL_NAME = "model"
+# The validation confusion matrix of each epoch, as an image with a step.
+EPOCH_CONFUSION_KEY = "val_confusion_matrix"
+
+
+class MlflowTracker(Tracker):
+    # Metrics are written in batches at most this often: one SQLite write costs milliseconds,
+    # a training step less, and MLflow's own async queue competes with training for 2 cores.
+    FLUSH_SECONDS = 5.0
+
+    def __init__(self, run_id: str, resumed: bool = False) -> None:
+        self.run_id = run_id
+        self.checkpoint: Path | None = None
+        self._pending: list[Metric] = []
+        self._flushed_at = time.monotonic()
+        # A resumed run may replay steps it logged before it stopped; each step is kept once.
+        self._logged_through = _last_steps(run_id) if resumed else {}
+
+    def record_checkpoint(self, path: Path) -> None:
+        self.checkpoint = path
+        mlflow.set_tag(CHECKPOINT_TAG, str(path))
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        # `mlflow run` has already logged its entry-point parameters, as typed on its command
+        # line ("1e-3"); logging "0.001" again would be refused as a change, so keep theirs.
+        existing = mlflow.get_run(self.run_id).data.params
+        mlflow.log_params({k: v for k, v in params.items() if k not in existing})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        timestamp = int(time.time() * 1000)
+        self._pending += [
+            Metric(k, float(v), timestamp, step)
+            for k, v in metrics.items()
+            if step > self._logged_through.get(k, -1)
+        ]
+        if time.monotonic() - self._flushed_at >= self.FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            client = mlflow.MlflowClient()
+            # MLflow takes at most 1000 metrics a call.
+            for start in range(0, len(self._pending), 1000):
+                batch = self._pending[start : start + 1000]
+                with_retries(lambda batch=batch: client.log_batch(self.run_id, metrics=batch))
+        self._pending = []
+        self._flushed_at = time.monotonic()
+
+    def log_dataset(self, dataset: Dataset) -> None:
+        with warnings.catch_warnings():
+            # MLflow registers two equivalent sources for local paths and warns that it picked one.
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+            source = resolve_dataset_source(dataset.source)
+        meta = MetaDataset(source=source, name=dataset.name, digest=dataset.digest)
+        mlflow.log_input(meta, context="training")
+
+    def on_epoch_end(self, state: TrainingState, epoch: int, metrics: dict[str, float]) -> None:
+        super().on_epoch_end(state, epoch, metrics)
+        if epoch > self._logged_through.get("val/accuracy", -1):
+            self.log_confusion(state.last_val, epoch)
+
+    def log_confusion(self, val: Evaluation, epoch: int) -> None:
+        # One image per epoch under one key: the UI's image slider shows the matrix forming.
+        figure = val.shares_figure(f"validation, epoch {epoch}")
+        mlflow.log_image(_pixels(figure), key=EPOCH_CONFUSION_KEY, step=epoch)
+
+    def log_evaluation(self, split: str, evaluation: Evaluation, images: ImageSet) -> None:
+        folder = f"evaluation/{split}"
+        mlflow.log_dict(evaluation.confusion_json(), f"{folder}/confusion_matrix.json")
+        mlflow.log_dict(evaluation.report(), f"{folder}/classification_report.json")
+        mlflow.log_text(evaluation.report_text(), f"{folder}/classification_report.txt")
+        mlflow.log_table(evaluation.per_class_table(), f"{folder}/per_class.json")
+        self.log_figure(
+            evaluation.confusion_figure(f"{split} confusion matrix"),
+            f"{folder}/confusion_matrix.png",
+        )
+        mistakes = evaluation.mistakes_figure(images.images.cpu().numpy(), f"{split} split")
+        if mistakes is not None:
+            self.log_figure(mistakes, f"{folder}/confident_mistakes.png")
+
+    def log_figure(self, figure: Figure, path: str) -> None:
+        mlflow.log_figure(figure, path)
+        plt.close(figure)
+
+    def log_model(
+        self, weights: dict[str, torch.Tensor], settings: dict[str, Any], example_png: bytes
+    ) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            weights_file = Path(tmp) / WEIGHTS_FILE
+            torch.save(weights, weights_file)
+            mlflow.log_artifact(str(weights_file))
+            settings_file = Path(tmp) / "classifier.json"
+            settings_file.write_text(json.dumps(settings))
+            package = Path(__file__).parents[1]
+            mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=str(package / "pyfunc_entry.py"),
+                artifacts={
+                    serving.WEIGHTS_ARTIFACT: str(weights_file),
+                    serving.SETTINGS_ARTIFACT: str(settings_file),
+                },
+                code_paths=[str(package)],
+                signature=serving.signature(tuple(settings["classes"])),
+                input_example=serving.example_input(example_png),
+                pip_requirements=serving.pip_requirements(),
+            )
+
+    def set_description(self, markdown: str) -> None:
+        mlflow.set_tag("mlflow.note.content", markdown)
+
+
+def _pixels(figure: Figure) -> np.ndarray:
+    """A figure drawn as RGB pixels, and closed."""
+    figure.canvas.draw()
+    pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(figure)
+    return pixels
+
+
+def _last_steps(run_id: str) -> dict[str, int]:
+    client = mlflow.MlflowClient()
+    return {
+        key: max(m.step for m in client.get_metric_history(run_id, key))
+        for key in client.get_run(run_id).data.metrics
+    }
