@@ -21,10 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the shared toolbox
 import mlflow
 import torch
+from helpers import local_env
 
 from cifar_experiments import checkpoint
+from cifar_experiments.tracking import project_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,9 +40,8 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="interrupt-resume-"))
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
-    env.pop("MLFLOW_RUN_ID", None)
+    env = local_env(MLFLOW_TRACKING_URI=uri)
+    env.pop(project_run.ENV, None)  # each `mlflow run` below makes its own run
     subprocess.run(["mlflow", "db", "upgrade", uri], env=env, check=True, capture_output=True)
     client = mlflow.MlflowClient(uri)
 

@@ -11,36 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the shared toolbox
 import requests
+from helpers import free_port, local_env, running
 from score_server import split_body
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until_up(url: str, server: subprocess.Popen, seconds: float = 180) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited with {server.returncode}")
-        try:
-            if requests.get(f"{url}/ping", timeout=2).ok:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"the server did not answer within {seconds:.0f} s")
 
 
 def timed_requests(
@@ -87,22 +67,13 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", args.model_uri,
                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
-    # The server starts `uvicorn` from PATH: this interpreter's, whether or not it is active.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    with subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL) as server:  # fmt: skip
-        try:
-            wait_until_up(url, server)
-            with requests.Session() as session:
-                timed_requests(session, url, single[:20] + batches[:3])  # warm up
-                report("1 image a request", *timed_requests(session, url, single), len(single))
-                latencies, total = timed_requests(session, url, batches)
-                report(
-                    f"{args.batch} images a request", latencies, total, args.batch * len(batches)
-                )
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+    log = Path(tempfile.mkdtemp(prefix="serving-latency-")) / "serve.log"
+    server = running(command, local_env(), f"{url}/ping", log, seconds=180)
+    with server, requests.Session() as session:
+        timed_requests(session, url, single[:20] + batches[:3])  # warm up
+        report("1 image a request", *timed_requests(session, url, single), len(single))
+        latencies, total = timed_requests(session, url, batches)
+        report(f"{args.batch} images a request", latencies, total, args.batch * len(batches))
 
 
 if __name__ == "__main__":

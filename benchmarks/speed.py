@@ -27,9 +27,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the shared toolbox
 import mlflow
 import torch
 import tutorial
+from helpers import local_env
 from PIL import Image
 
 from cifar_experiments import data, engine, experiment, speedups
@@ -132,8 +134,7 @@ def train_tracked(prepared: experiment.Prepared) -> Timing:
 
 def mlflow_run(folder: str, store: str, epochs: int) -> tuple[float, float]:
     """(seconds start to finish, test accuracy) of `mlflow run` with the defaults."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env = local_env(MLFLOW_TRACKING_URI=store)
     env.pop("MLFLOW_EXPERIMENT_ID", None)  # set by mlflow.set_experiment in this process
     command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
                "--experiment-name", "speed-mlflow-run", "-P", f"epochs={epochs}",

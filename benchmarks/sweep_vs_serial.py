@@ -13,14 +13,15 @@ compares the wall times. Not part of the test suite.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the shared toolbox
 import mlflow
+from helpers import local_env
 from score_model import accuracy
 
 from cifar_experiments.sweep import parent_run
@@ -48,9 +49,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = f"sqlite:///{tmp}/mlflow.db"
         mlflow.set_tracking_uri(store)
-        # This interpreter first on PATH: `mlflow run --env-manager local` starts `python`.
-        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-        env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": path}
+        env = local_env(MLFLOW_TRACKING_URI=store)
         project = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local"]
         # The store's tables first, so neither timing includes making them.
         subprocess.run([sys.executable, "-m", "mlflow", "db", "upgrade", store], env=env,

@@ -89,7 +89,7 @@ def train(project_run: str | None, resume: str | None, **options: Any) -> None:
             prepared = _prepare(resume, options, project_run)
             if prepared is None:
                 return
-            summary = experiment.train(prepared, stop)
+            summary = experiment.train(prepared, stop, project_run=project_run)
         # A disk that filled up during training, or a loss that became NaN.
         except (CheckpointError, TrainingDiverged) as error:
             raise click.ClickException(f"{error}; the run is marked FAILED") from None
@@ -137,7 +137,7 @@ def _prepare(resume: str | None, options: dict[str, Any], project_run: str | Non
                 config = TrainConfig(
                     **{**options, "device": device, "experiment_name": experiment_name}
                 )
-            return experiment.prepare(config, resumption, project_run=project_run)
+            return experiment.prepare(config, resumption)
     except (experiment.ResumeError, TrackingError) as error:
         if resume is None:
             raise click.ClickException(str(error)) from None

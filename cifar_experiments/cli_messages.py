@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 
 def echo_summary(summary: Summary) -> None:
+    assert summary.run_id is not None, "a training the CLI ran is always tracked"
     result = (
         f"test accuracy {summary.test_accuracy:.2%}"
         if summary.test_accuracy is not None

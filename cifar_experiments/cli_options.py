@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,7 +17,12 @@ Command = Callable[..., Any]
 
 _RECIPE_FIELDS = frozenset(next(iter(RECIPES.values())))
 _FROM_RECIPE = "  [default: the model's recipe]"
-_CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING, bool: click.BOOL}
+_CLICK_TYPES: dict[type, click.ParamType] = {
+    int: click.INT,
+    float: click.FLOAT,
+    str: click.STRING,
+    bool: click.BOOL,
+}
 # `mlflow run` hands on parameters it does not declare as `--batch_size 256`.
 MLPROJECT_SPELLING = {"token_normalize_func": lambda name: name.replace("_", "-")}
 
@@ -74,9 +78,10 @@ def _click_type(config_field: dataclasses.Field[Any], config_class: type) -> cli
     """Click's type for a field: its choices, or its value type; one that may be None (and
     any bool, as MLproject passes them) also takes "" for "not given"."""
     name, choices = config_field.name, config_field.metadata["choices"]
-    kind = click.Choice(choices) if choices else _CLICK_TYPES[value_type(name, config_class)]
-    hint = typing.get_type_hints(config_class)[name]
-    optional = type(None) in typing.get_args(hint)
+    kind: click.ParamType = (
+        click.Choice(choices) if choices else _CLICK_TYPES[value_type(name, config_class)]
+    )
+    optional = config_field.default is None
     return OrEmpty(kind) if optional or value_type(name, config_class) is bool else kind
 
 

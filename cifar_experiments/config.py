@@ -177,14 +177,16 @@ class TrainConfig:
         "tutorial",
         MODEL_NAMES,
     )
-    batch_size: int | None = option("Images per optimiser step.", None)
-    lr: float | None = option("Peak learning rate of SGD.", None)
-    momentum: float | None = option("SGD momentum.", None)
-    nesterov: bool | None = option("Nesterov momentum.", None)
-    weight_decay: float | None = option("L2 weight decay.", None)
-    label_smoothing: float | None = option("Label smoothing of the training loss.", None)
-    schedule: str | None = option("Learning-rate schedule over the whole run.", None, SCHEDULES)
-    lookahead: bool | None = option(
+    # Left unset (None), each option of the model's recipe takes the recipe's value as the
+    # config is made (__post_init__): a config holds a value for every one of them.
+    batch_size: int = option("Images per optimiser step.", None)
+    lr: float = option("Peak learning rate of SGD.", None)
+    momentum: float = option("SGD momentum.", None)
+    nesterov: bool = option("Nesterov momentum.", None)
+    weight_decay: float = option("L2 weight decay.", None)
+    label_smoothing: float = option("Label smoothing of the training loss.", None)
+    schedule: str = option("Learning-rate schedule over the whole run.", None, SCHEDULES)
+    lookahead: bool = option(
         "Every 5 steps, pull the weights toward their slow moving average (airbench).", None
     )
     augment: bool = option(
@@ -197,11 +199,11 @@ class TrainConfig:
         None,
         metavar="PATH",
     )
-    val_fraction: float | None = option(
+    val_fraction: float = option(
         "Share of training images held out, stratified, to rank runs (and pick the best epoch).",
         None,
     )
-    keep_epoch: str | None = option(
+    keep_epoch: str = option(
         "Whose weights the run keeps: the epoch with the best validation accuracy, or the last.",
         None,
         KEEP_EPOCHS,
@@ -263,12 +265,16 @@ class TrainConfig:
         }
 
 
+def _filled(text: str) -> bool:
+    return bool(text.strip())
+
+
 # Each option's bounds, checked for every config and for every value a sweep may try.
 _BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trials": (lambda v: v >= 1, "must be at least 1"),
     "workers": (lambda v: v >= 1, "must be at least 1"),
     "timeout": (lambda v: v > 0, "must be positive"),
-    "study": (str.strip, "must not be empty"),
+    "study": (_filled, "must not be empty"),
     "epochs": (lambda v: v >= 1, "must be at least 1"),
     "batch_size": (lambda v: v >= 1, "must be at least 1"),
     "log_every": (lambda v: v >= 1, "must be at least 1"),
@@ -277,10 +283,10 @@ _BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "weight_decay": (lambda v: v >= 0, "must be 0 or more"),
     "val_fraction": (lambda v: 0 < v < 1, "must be between 0 and 1"),
     "label_smoothing": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "experiment_name": (str.strip, "must not be empty"),
-    "experiment": (str.strip, "must not be empty"),
-    "model_name": (str.strip, "must not be empty"),
-    "checkpoint_dir": (str.strip, "must not be empty"),
+    "experiment_name": (_filled, "must not be empty"),
+    "experiment": (_filled, "must not be empty"),
+    "model_name": (_filled, "must not be empty"),
+    "checkpoint_dir": (_filled, "must not be empty"),
 }
 
 

@@ -152,8 +152,8 @@ def stratified_split(images: ImageSet, val_fraction: float, seed: int) -> tuple[
         raise DataError(f"cannot hold out {val_fraction:.0%} of every class: {error}") from error
 
     def subset(idx: np.ndarray) -> ImageSet:
-        idx = torch.from_numpy(np.sort(idx))
-        return ImageSet(images.images[idx], images.labels[idx])
+        rows = torch.from_numpy(np.sort(idx))
+        return ImageSet(images.images[rows], images.labels[rows])
 
     return subset(train_idx), subset(val_idx)
 
@@ -284,7 +284,7 @@ class TrainingSet:
             ).to(device)
         for step in range(start, steps):
             idx = order[step * batch : (step + 1) * batch]
-            if self.crops is None:
+            if self.crops is None or self.flipped is None:
                 yield self.images[idx], self.labels[idx]
             else:
                 dy, dx = shifts[step]

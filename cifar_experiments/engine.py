@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from .config import AIRBENCH94, ONE_CYCLE_WARMUP, TrainConfig
 from .evaluation import Evaluation
 
 log = logging.getLogger(__name__)
+Model = TypeVar("Model", bound=nn.Module)
 
 EVAL_BATCH_SIZE = 1000
 # Training images that data-dependent initialisation (airbench's whitening) looks at.
@@ -66,9 +67,11 @@ class Runtime:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def place(self, model: nn.Module) -> nn.Module:
+    def place(self, model: Model) -> Model:
         """`model` on this device, in the memory layout its convolutions run fastest in."""
-        return model.to(self.device, memory_format=speedups.memory_format())
+        # Module.to takes a device and a memory format together; torch's overloads list each
+        # alone.
+        return model.to(self.device, memory_format=speedups.memory_format())  # type: ignore[call-overload]
 
     def put(self, images: data.ImageSet) -> data.ImageSet:
         """Keep a whole split resident on the device, as uint8, so batches never cross the bus."""
@@ -237,7 +240,8 @@ class TrainingState:
         )
         state = cls(
             config, runtime, classes, model,
-            forward=torch.compile(model) if config.compile else model,
+            # A compiled Module is a Module (OptimizedModule); the stub says only "callable".
+            forward=cast(nn.Module, torch.compile(model)) if config.compile else model,
             normalization=normalization, batches=batches, optimizer=optimizer,
             scheduler=scheduler,
             lookahead=Lookahead(model, total_steps) if config.lookahead else None,
@@ -265,7 +269,7 @@ class TrainingState:
         return {
             "train/epoch_loss": self.sums.loss.item() / seen,
             "train/accuracy": self.sums.correct.item() / seen,
-            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/lr": float(self.scheduler.get_last_lr()[0]),
             "train/images_per_second": taken / seconds,
         }
 

@@ -49,7 +49,6 @@ class Prepared:
     val: data.ImageSet
     runtime: engine.Runtime
     resumption: Resumption | None = None
-    project_run: str | None = None  # the run `mlflow run` made for this training, if it did
 
 
 @dataclass(frozen=True)
@@ -62,24 +61,20 @@ class Summary:
 
 
 def prepare(
-    config: TrainConfig,
-    resumption: Resumption | None = None,
-    dataset: data.Dataset | None = None,
-    project_run: str | None = None,
+    config: TrainConfig, resumption: Resumption | None = None, dataset: data.Dataset | None = None
 ) -> Prepared:
-    """Check the store, the checkpoint folder and the device, then load (unless `dataset` is
-    config.data, loaded already) and split the data. `project_run` is the run `mlflow run`
-    made for this training, if it started us.
+    """Check the store, this login's permission to add runs to the experiment, the checkpoint
+    folder and the device, then load (unless `dataset` is config.data, loaded already) and
+    split the data.
 
     Raises TrackingError, CheckpointError, DeviceUnavailable, DataError or ResumeError, each
     before a run exists.
     """
     store.check_store()
-    if project_run is None:  # else `mlflow run` has made the run already
-        experiment_name = (
-            store.experiment_of(resumption.run_id) if resumption else config.experiment_name
-        )
-        store.check_can_train_in(experiment_name)
+    experiment_name = (
+        store.experiment_of(resumption.run_id) if resumption else config.experiment_name
+    )
+    store.check_can_train_in(experiment_name)
     checkpoint.check_writable(Path(config.checkpoint_dir))
     runtime = engine.Runtime.resolve(config.device, config.precision)
     if dataset is None:
@@ -92,7 +87,7 @@ def prepare(
                 f"{resumption.run_id} was trained on (digest {trained_on})"
             )
     train, val = data.stratified_split(dataset.train, config.val_fraction, config.seed)
-    return Prepared(config, dataset, train, val, runtime, resumption, project_run)
+    return Prepared(config, dataset, train, val, runtime, resumption)
 
 
 def plan_resume(run_id: str, options: dict[str, Any]) -> tuple[TrainConfig, Resumption] | None:
@@ -256,8 +251,10 @@ def train(
     callbacks: Sequence[engine.Callback] = (),
     tags: dict[str, str] | None = None,
     progress_bars: bool = True,
+    project_run: str | None = None,
 ) -> Summary:
-    """Run inside an MLflow run that ends FINISHED, FAILED or KILLED; then register it.
+    """Run inside an MLflow run that ends FINISHED, FAILED or KILLED; then register it. The run
+    is the resumed one, or `project_run` (the one `mlflow run` made for us), or a new one.
 
     The training state is checkpointed after every epoch and on a stop request; a stopped
     run raises Interrupted, carrying its run ID. A registration that fails leaves the run
@@ -266,7 +263,7 @@ def train(
     config, resumption = prepared.config, prepared.resumption
     run_id = resumption.run_id if resumption is not None else None
     try:
-        with lifecycle.mlflow_run(config, run_id, tags, prepared.project_run) as tracker:
+        with lifecycle.mlflow_run(config, run_id, tags, project_run) as tracker:
             run_id = tracker.run_id
             checkpoints = checkpoint.CheckpointFile(
                 Path(config.checkpoint_dir).resolve() / f"{run_id}.pt",

@@ -108,10 +108,10 @@ class Airbench(CifarNet):
         filters = eigenvectors.T / (eigenvalues + AIRBENCH94.whitening_eps).sqrt()[:, None]
         filters = filters.reshape(-1, images.shape[1], k, k).to(self.whiten.weight)
         self.whiten.weight.copy_(torch.cat([filters, -filters]))
-        self.whiten.bias.zero_()
+        _bias(self.whiten).zero_()
 
     def begin_epoch(self, epoch: int) -> None:
-        self.whiten.bias.requires_grad_(epoch <= self.whiten_bias_epochs)
+        _bias(self.whiten).requires_grad_(epoch <= self.whiten_bias_epochs)
 
 
 class _ConvBlock(nn.Sequential):
@@ -178,9 +178,16 @@ def weights_for_inputs(
     name = next(n for n, module in model.named_modules() if module is layer)
     weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     weights[f"{name}.weight"] = (weight * scale).to(layer.weight.dtype).cpu()
-    bias = layer.bias.double() + (weight * shift).sum(dim=(1, 2, 3))
-    weights[f"{name}.bias"] = bias.to(layer.bias.dtype).cpu()
+    old_bias = _bias(layer)
+    bias = old_bias.double() + (weight * shift).sum(dim=(1, 2, 3))
+    weights[f"{name}.bias"] = bias.to(old_bias.dtype).cpu()
     return weights
+
+
+def _bias(layer: nn.Conv2d) -> torch.Tensor:
+    if layer.bias is None:
+        raise ValueError(f"{layer} has no bias")
+    return layer.bias
 
 
 def model_names() -> tuple[str, ...]:

@@ -23,7 +23,8 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.types.schema import ColSpec, Schema
+from mlflow.pyfunc.model import PythonModel, PythonModelContext
+from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
 from . import data, models
 
@@ -43,8 +44,8 @@ def probability_column(class_name: str) -> str:
     return f"prob_{class_name}"
 
 
-class CifarClassifier(mlflow.pyfunc.PythonModel):
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+class CifarClassifier(PythonModel):
+    def load_context(self, context: PythonModelContext) -> None:
         config = json.loads(Path(context.artifacts[SETTINGS_ARTIFACT]).read_text())
         self.classes = tuple(config["classes"])
         self.normalization = data.Normalization(tuple(config["mean"]), tuple(config["std"]))
@@ -98,7 +99,7 @@ def settings(
 
 
 def signature(classes: tuple[str, ...]) -> ModelSignature:
-    outputs = [
+    outputs: list[ColSpec | TensorSpec] = [
         ColSpec("string", "label"),
         ColSpec("long", "class_index"),
         ColSpec("double", "score"),

@@ -10,7 +10,7 @@ import mlflow
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import CLASSES, TEST_PER_CLASS, TRAIN_PER_CLASS, encode, synthetic_images
+from helpers import CLASSES, TEST_PER_CLASS, TINY, TRAIN_PER_CLASS, encode, synthetic_images
 
 from cifar_experiments.cli import cli
 
@@ -81,7 +81,7 @@ def finished_run(image_folder, tmp_path_factory):
         mp.setenv("MLFLOW_TRACKING_URI", store)
         mp.setenv("CIFAR_EXPERIMENTS_CACHE", str(tmp_path_factory.mktemp("cache")))
         mlflow.set_tracking_uri(store)
-        args = ["train", "--epochs", "2", "--batch-size", "8", "--log-every", "1"]
+        args = ["train", *TINY]
         args += ["--experiment-name", "tiny", "--run-name", "first", "--data", str(image_folder)]
         result = CliRunner().invoke(cli, args, catch_exceptions=False)
         assert result.exit_code == 0, result.output

@@ -1,5 +1,6 @@
-"""What several test modules use: tiny synthetic images, this interpreter for child processes,
-and a model server to talk to. Test modules import from here, never from one another."""
+"""The toolbox that test modules and benchmarks share (neither imports the other's modules):
+tiny synthetic images and trainings, this interpreter for child processes, free ports,
+servers started and stopped with their workers, and checks of what a run recorded."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ import contextlib
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import requests
@@ -28,6 +30,8 @@ CLASSES = ("cat", "dog", "frog")
 TRAIN_PER_CLASS = 10
 TEST_PER_CLASS = 4
 ROOT = Path(__file__).resolve().parents[1]
+# A training that takes seconds on tiny data, with a point of the loss curve every step.
+TINY = ["--epochs", "2", "--batch-size", "8", "--log-every", "1"]
 
 
 def synthetic_images(n: int, label: int, seed: int) -> np.ndarray:
@@ -77,7 +81,7 @@ class RecordingTracker(callbacks.Tracker):
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def local_env(**extra: str) -> dict[str, str]:
@@ -87,25 +91,62 @@ def local_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PATH": path, **extra}
 
 
+def cli_command(*args: str) -> list[str]:
+    """`cifar-experiments ARGS` as a command for a child process, run by this interpreter."""
+    return [sys.executable, "-m", "cifar_experiments", *args]
+
+
+def answers(url: str) -> bool:
+    """Whether `url` answers with success (a model server answers 404 until its model loads)."""
+    try:
+        return requests.get(url, timeout=2).ok
+    except requests.ConnectionError:
+        return False
+
+
+def wait_until(
+    check: Callable[[], bool], what: str, process: subprocess.Popen | None = None,
+    seconds: float = 120,
+) -> None:  # fmt: skip
+    """Return once `check()` holds; fail if `process` exits first or `seconds` pass."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not come up within {seconds:.0f} s")
+        time.sleep(0.3)
+
+
+def stop_group(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop a process started in a session of its own and every worker it started."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 @contextlib.contextmanager
-def running(command: list[str], env: dict[str, str], health_url: str, log_path: Path):
-    """Start a server process, wait (at most 90 s) until `health_url` answers, stop it after."""
-    with log_path.open("w") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+def running(
+    command: list[str], env: dict[str, str], health_url: str, log_path: Path,
+    seconds: float = 120,
+) -> Iterator[subprocess.Popen]:  # fmt: skip
+    """Start a server (its output in `log_path`), wait until `health_url` answers, and stop it
+    with its workers after the block."""
+    with log_path.open("a") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
         try:
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    urllib.request.urlopen(health_url, timeout=2)
-                    break
-                except OSError:
-                    assert process.poll() is None, log_path.read_text()[-3000:]
-                    assert time.monotonic() < deadline, "no answer within 90 s"
-                    time.sleep(0.5)
-            yield
+            try:
+                wait_until(lambda: answers(health_url), command[2], process, seconds)
+            except RuntimeError as error:
+                raise RuntimeError(f"{error}: {log_path.read_text()[-3000:]}") from None
+            yield process
         finally:
-            process.terminate()
-            process.wait(timeout=30)
+            stop_group(process)
 
 
 def serve(model_uri: str, tracking_uri: str, log_path: Path) -> tuple[str, Iterator[None]]:
@@ -145,3 +186,13 @@ def assert_labels(answer: dict, count: int) -> None:
     for row in rows:
         assert row["label"] in CLASSES and row["label"] == CLASSES[row["class_index"]]
         assert sum(row[f"prob_{c}"] for c in CLASSES) == pytest.approx(1.0, abs=1e-6)
+
+
+def assert_every_point_once(client: mlflow.MlflowClient, run_id: str, epochs: int) -> None:
+    """No figure is missing or logged twice: each epoch's at steps 1..epochs, the training
+    loss (logged every step) at steps 1, 2, 3, ... (system metrics are samples, not counted)."""
+    keys = [key for key in client.get_run(run_id).data.metrics if not key.startswith("system/")]
+    history = {key: sorted(m.step for m in client.get_metric_history(run_id, key)) for key in keys}
+    assert history["val/accuracy"] == history["train/epoch_loss"] == list(range(1, epochs + 1))
+    assert history["train/loss"] == list(range(1, len(history["train/loss"]) + 1))
+    assert {key: steps for key, steps in history.items() if len(set(steps)) != len(steps)} == {}

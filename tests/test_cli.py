@@ -10,7 +10,7 @@ import mlflow
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from helpers import CLASSES, encode, free_port, synthetic_images
+from helpers import CLASSES, TINY, encode, free_port, synthetic_images
 
 import cifar_experiments
 from cifar_experiments import checkpoint, engine, interrupts
@@ -324,9 +324,8 @@ def killed_run(image_folder, tmp_path):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(interrupts.StopRequests, "deferred", stopped_at_once)
-        result = train("--data", str(image_folder), "--epochs", "2", "--batch-size", "8",
-                       "--log-every", "1", "--checkpoint-dir", str(tmp_path / "checkpoints"),
-                       "--no-register")  # fmt: skip
+        result = train("--data", str(image_folder), *TINY, "--no-register",
+                       "--checkpoint-dir", str(tmp_path / "checkpoints"))  # fmt: skip
     assert result.exit_code == 130, result.output
     (run_id,) = all_runs()["run_id"]
     assert f"Resume it with:\n  cifar-experiments train --resume {run_id}" in result.output

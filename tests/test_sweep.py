@@ -15,15 +15,14 @@ import mlflow
 import optuna
 import pytest
 from click.testing import CliRunner
-from helpers import ROOT, local_env, write_image_folder
+from helpers import ROOT, TINY, cli_command, local_env, write_image_folder
 
 from cifar_experiments import engine, search_space
-from cifar_experiments.sweep import parent_run, study, workers
 from cifar_experiments.cli import cli
 from cifar_experiments.config import SweepConfig, TrainConfig
 from cifar_experiments.interrupts import StopRequests
-
-TINY = ["--epochs", "2", "--batch-size", "8", "--log-every", "1"]
+from cifar_experiments.sweep import parent_run, workers
+from cifar_experiments.sweep import study as sweep_study
 
 
 def run_sweep(*args: str):
@@ -93,10 +92,10 @@ def test_a_sweep_nests_its_trials_and_registers_only_the_best(image_folder, tmp_
 def test_a_pruned_trial_stops_early_and_finishes_tagged_pruned(image_folder, monkeypatch):
     """The median pruner (told to judge after one trial) stops a trial that trails the first
     at the same epoch: its run ends FINISHED, with fewer epochs, tagged pruned."""
-    monkeypatch.setattr(study, "STARTUP_TRIALS", 1)
+    monkeypatch.setattr(sweep_study, "STARTUP_TRIALS", 1)
     space = search_space.parse({"lr": {"low": 1e-7, "high": 0.5, "log": True}}, "test")
     base = TrainConfig(epochs=4, batch_size=8, data=str(image_folder), augment=False)
-    plan = study.plan(SweepConfig(trials=3, sampler="random"), vars(base).copy(), space)
+    plan = sweep_study.plan(SweepConfig(trials=3, sampler="random"), vars(base).copy(), space)
     study = optuna.load_study(study_name=plan.study_name, storage=plan.storage)
     study.enqueue_trial({"lr": 0.1})  # after the recipe's own lr, another that learns
     study.enqueue_trial({"lr": 1e-7})  # and one that cannot
@@ -105,9 +104,10 @@ def test_a_pruned_trial_stops_early_and_finishes_tagged_pruned(image_folder, mon
     assert outcome.states == {"complete": 2, "pruned": 1}
     recipe, good, hopeless = children(plan.parent_run_id)
     assert recipe.data.params["lr"] == str(base.lr), "the first trial is the recipe"
-    assert hopeless.info.status == "FINISHED" and hopeless.data.tags[parent_run.STATE_TAG] == "pruned"
+    assert hopeless.info.status == "FINISHED"
+    assert hopeless.data.tags[parent_run.STATE_TAG] == "pruned"
     epochs = mlflow.MlflowClient().get_metric_history(hopeless.info.run_id, "val/accuracy")
-    assert len(epochs) == study.warmup_epochs(4) < 4, "judged once its warm-up was over"
+    assert len(epochs) == sweep_study.warmup_epochs(4) < 4, "judged once its warm-up was over"
     assert good.data.tags[parent_run.STATE_TAG] == "complete"
     assert outcome.best_run_id in (recipe.info.run_id, good.info.run_id)
 
@@ -128,8 +128,8 @@ def test_a_failing_trial_is_marked_failed_with_its_reason_and_the_sweep_goes_on(
     (diverged,) = children(parent.info.run_id)  # the other trial never got as far as a run
     assert diverged.info.status == "FAILED" and diverged.data.tags[parent_run.STATE_TAG] == "failed"
     assert "training diverged" in diverged.data.tags["error"]
-    study = optuna.load_study(study_name="cifar10-tutorial", storage=study.default_storage())
-    reasons = sorted(t.user_attrs[study.FAILURE_ATTR] for t in study.trials)
+    study = optuna.load_study(study_name="cifar10-tutorial", storage=sweep_study.default_storage())
+    reasons = sorted(t.user_attrs[sweep_study.FAILURE_ATTR] for t in study.trials)
     assert reasons[0].startswith("nesterov: needs a momentum") and "diverged" in reasons[1]
     assert not mlflow.MlflowClient().search_registered_models()
 
@@ -154,13 +154,13 @@ def test_a_worker_that_fails_ends_the_sweep_with_its_reason_in_one_line(tmp_path
     worker, and the parent names the worker and the error, not just an exit status."""
     folder = write_image_folder(tmp_path / "images", {"train": 20})
     base = TrainConfig(epochs=1, batch_size=8, data=str(folder))
-    plan = study.plan(
+    plan = sweep_study.plan(
         SweepConfig(trials=2, workers=2),
         vars(base).copy(),
         search_space.parse({"lr": [0.01, 0.02]}, "test"),
     )
     shutil.rmtree(folder)
-    with pytest.raises(study.SweepError) as failure:
+    with pytest.raises(sweep_study.SweepError) as failure:
         workers.run(plan, StopRequests())
     assert re.fullmatch(r"worker-[01] failed \(exit status 1\): DataError: .*", str(failure.value))
     assert str(folder) in str(failure.value)
@@ -202,13 +202,12 @@ def test_continuing_a_study_with_other_settings_is_refused(image_folder):
 
 
 def test_warmup_protects_the_first_epochs():
-    assert [study.warmup_epochs(n) for n in (1, 3, 5, 10, 11)] == [1, 1, 1, 2, 3]
+    assert [sweep_study.warmup_epochs(n) for n in (1, 3, 5, 10, 11)] == [1, 1, 1, 2, 3]
     assert engine.lr_factor("onecycle", 20, 100) == 1.0  # the warm-up's last step: the peak
 
 
 def sweep_command(folder, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "cifar_experiments", "sweep", "--data", str(folder),
-            "--batch-size", "8", *extra]  # fmt: skip
+    return cli_command("sweep", "--data", str(folder), "--batch-size", "8", *extra)
 
 
 @pytest.mark.slow

@@ -6,9 +6,9 @@ import time
 import mlflow
 import pytest
 
-from cifar_experiments.tracking import keys, lifecycle, links, outage, past_runs, recorder, store
 from cifar_experiments.config import TrainConfig
 from cifar_experiments.interrupts import Interrupted
+from cifar_experiments.tracking import keys, lifecycle, links, outage, past_runs, recorder, store
 
 
 def history(run_id: str, key: str) -> list[tuple[int, float]]:
@@ -91,9 +91,7 @@ def test_only_an_unanswering_or_failing_server_counts_as_lost():
     from mlflow.protos import databricks_pb2 as codes
 
     assert outage.server_lost(MlflowException("database down", error_code=codes.INTERNAL_ERROR))
-    assert not outage.server_lost(
-        MlflowException("gone", error_code=codes.RESOURCE_DOES_NOT_EXIST)
-    )
+    assert not outage.server_lost(MlflowException("gone", error_code=codes.RESOURCE_DOES_NOT_EXIST))
     assert not outage.server_lost(MlflowException("denied", error_code=codes.PERMISSION_DENIED))
     assert not outage.server_lost(RuntimeError(API_FAILED))
 

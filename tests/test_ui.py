@@ -10,10 +10,11 @@ from pathlib import Path
 import mlflow
 import pytest
 from click.testing import CliRunner
+from helpers import TINY
 from ui_pages import browser_missing, chromium, mlflow_ui, run_pages, visit
 
-from cifar_experiments.tracking import links
 from cifar_experiments.cli import cli
+from cifar_experiments.tracking import links
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -32,8 +33,8 @@ def test_the_printed_link_opens_the_run_and_its_pages_render(
     if browser_missing():
         pytest.skip(f"headless Chromium: {browser_missing()} (.ci/run installs it)")
     name = "seen-in-a-browser"
-    args = ["train", "--epochs", "2", "--batch-size", "8", "--log-every", "1", "--data",
-            str(image_folder), "--experiment-name", "ui", "--run-name", name]  # fmt: skip
+    args = ["train", *TINY, "--data", str(image_folder), "--experiment-name", "ui",
+            "--run-name", name]  # fmt: skip
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     link = re.search(r"then open (\S+)$", result.stdout.strip().splitlines()[-1]).group(1)

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def record(
     """After trial `step`, the study as it stands: `trials` (those that count) and the `best`
     complete one."""
     client = mlflow.MlflowClient()
-    if best is not None:
+    if best is not None and best.value is not None:
         client.log_metric(parent, BEST_METRIC, best.value, step=step)
         tags = {"best_trial": str(best.number), "best_run_id": best.user_attrs[RUN_ATTR]}
         tags.update({f"best.{name}": str(value) for name, value in best.params.items()})
@@ -92,7 +93,8 @@ def _plots(study: optuna.Study, complete: int, folder: Path) -> None:
     from matplotlib import pyplot as plt
     from optuna.visualization import matplotlib as plots
 
-    wanted = {"optimization_history": (plots.plot_optimization_history, 1),
+    wanted: dict[str, tuple[Callable[[optuna.Study], Any], int]] = {
+              "optimization_history": (plots.plot_optimization_history, 1),
               "parallel_coordinate": (plots.plot_parallel_coordinate, 1),
               "param_importances": (plots.plot_param_importances, 2)}  # fmt: skip
     folder.mkdir()

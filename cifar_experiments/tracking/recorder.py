@@ -3,6 +3,7 @@ interface: params, batched metrics, the data set, pictures, evaluations and the 
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 import time
@@ -14,6 +15,7 @@ import mlflow
 import numpy as np
 import torch
 from matplotlib import pyplot as plt
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
@@ -39,6 +41,7 @@ class MlflowTracker(Tracker):
     # Metrics are written in batches at most this often: one SQLite write costs milliseconds,
     # a training step less, and MLflow's own async queue competes with training for 2 cores.
     FLUSH_SECONDS = 5.0
+    run_id: str  # always a run: the base's None stands for "untracked"
 
     def __init__(self, run_id: str, resumed: bool = False) -> None:
         self.run_id = run_id
@@ -74,7 +77,7 @@ class MlflowTracker(Tracker):
             # MLflow takes at most 1000 metrics a call.
             for start in range(0, len(self._pending), 1000):
                 batch = self._pending[start : start + 1000]
-                with_retries(lambda batch=batch: client.log_batch(self.run_id, metrics=batch))
+                with_retries(functools.partial(client.log_batch, self.run_id, metrics=batch))
         self._pending = []
         self._flushed_at = time.monotonic()
 
@@ -83,12 +86,14 @@ class MlflowTracker(Tracker):
             # MLflow registers two equivalent sources for local paths and warns that it picked one.
             warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
             source = resolve_dataset_source(dataset.source)
-        meta = MetaDataset(source=source, name=dataset.name, digest=dataset.digest)
+        # MLflow's Dataset marks `profile` abstract without being an ABC; MetaDataset, its class
+        # for data known by name and digest only, has none.
+        meta = MetaDataset(source=source, name=dataset.name, digest=dataset.digest)  # type: ignore[abstract]
         mlflow.log_input(meta, context="training")
 
     def on_epoch_end(self, state: TrainingState, epoch: int, metrics: dict[str, float]) -> None:
         super().on_epoch_end(state, epoch, metrics)
-        if epoch > self._logged_through.get("val/accuracy", -1):
+        if state.last_val is not None and epoch > self._logged_through.get("val/accuracy", -1):
             self.log_confusion(state.last_val, epoch)
 
     def log_confusion(self, val: Evaluation, epoch: int) -> None:
@@ -143,8 +148,9 @@ class MlflowTracker(Tracker):
 
 def _pixels(figure: Figure) -> np.ndarray:
     """A figure drawn as RGB pixels, and closed."""
-    figure.canvas.draw()
-    pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    pixels = np.asarray(canvas.buffer_rgba())[..., :3].copy()
     plt.close(figure)
     return pixels
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from helpers import ROOT, local_env, write_image_folder
+from helpers import ROOT, cli_command, local_env, write_image_folder
 
 from cifar_experiments import checkpoint
 
@@ -50,8 +50,8 @@ def client(env: dict[str, str]) -> mlflow.MlflowClient:
     return mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
 
 
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cifar_experiments", "train", *args]
+def train(*args: str) -> list[str]:
+    return cli_command("train", *args)
 
 
 def start(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
@@ -109,7 +109,7 @@ def final_weights(run: mlflow.entities.Run) -> dict[str, torch.Tensor]:
 def twin(data_folder, store, tmp_path_factory) -> mlflow.entities.Run:
     """The uninterrupted training every resumed one must match."""
     cwd = tmp_path_factory.mktemp("twin")
-    code, _, err = finish(start(cli(*OPTIONS, "--data", str(data_folder), "--run-name", "twin",
+    code, _, err = finish(start(train(*OPTIONS, "--data", str(data_folder), "--run-name", "twin",
                                     "--no-register"), store, cwd))  # fmt: skip
     assert code == 0, err[-3000:]
     return run_named(store, "twin")
@@ -146,7 +146,7 @@ def test_interrupted_run_is_killed_checkpointed_and_resumes_to_the_twins_result(
 ):
     name = f"{launcher}-{signum.name}".replace(" ", "-")
     if launcher == "cli":
-        command = cli(*OPTIONS, "--data", str(data_folder), "--run-name", name, "--no-register")
+        command = train(*OPTIONS, "--data", str(data_folder), "--run-name", name, "--no-register")
     else:
         command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local"]
         for option in ("epochs", "batch_size", "log_every", "seed"):
@@ -187,7 +187,7 @@ def test_interrupted_run_is_killed_checkpointed_and_resumes_to_the_twins_result(
     assert_same_as_twin(store, client(store).get_run(run_id), twin)
 
     # Once finished, resuming again changes nothing.
-    code, out, _ = finish(start(cli("--resume", run_id), store, tmp_path))
+    code, out, _ = finish(start(train("--resume", run_id), store, tmp_path))
     assert code == 0 and "already finished" in out
 
 
@@ -212,7 +212,7 @@ def test_a_crash_marks_the_run_failed_with_its_error_and_it_resumes(
     assert run.info.status == "FAILED"
     assert run.data.tags["error"] == "RuntimeError: the plotting library broke"
 
-    code, _, err = finish(start(cli("--resume", run.info.run_id), store, tmp_path))
+    code, _, err = finish(start(train("--resume", run.info.run_id), store, tmp_path))
     assert code == 0, err[-3000:]
     assert_same_as_twin(store, client(store).get_run(run.info.run_id), twin)
 
@@ -223,14 +223,14 @@ def test_after_kill_9_resume_takes_over_the_run_from_its_last_epoch(
     # SIGKILL cannot be caught: the run stays RUNNING, and metrics logged after the last
     # checkpoint may or may not have reached the store. Resume sees the process is gone.
     name = "kill-9"
-    process = start(cli(*OPTIONS, "--data", str(data_folder), "--run-name", name,
+    process = start(train(*OPTIONS, "--data", str(data_folder), "--run-name", name,
                         "--no-register"), store, tmp_path)  # fmt: skip
     run_id = wait_for_first_epoch(store, name, process)
     process.kill()
     process.wait(timeout=LIMIT)
     assert client(store).get_run(run_id).info.status == "RUNNING"
 
-    code, _, err = finish(start(cli("--resume", run_id), store, tmp_path))
+    code, _, err = finish(start(train("--resume", run_id), store, tmp_path))
     assert code == 0, err[-3000:]
     assert_same_as_twin(store, client(store).get_run(run_id), twin)
 
@@ -248,9 +248,9 @@ def test_three_parallel_trainings_all_finish_with_every_metric_and_the_best_is_c
         CIFAR_EXPERIMENTS_CACHE=str(tmp_path / "cache"),
     )
     processes = [
-        start(cli("--data", str(data_folder), "--epochs", str(PARALLEL_EPOCHS), "--batch-size", "8",
-                  "--log-every", "1", "--lr", lr, "--run-name", f"lr={lr}",
-                  "--experiment-name", "parallel"), env, tmp_path)
+        start(train("--data", str(data_folder), "--epochs", str(PARALLEL_EPOCHS),
+                    "--batch-size", "8", "--log-every", "1", "--lr", lr, "--run-name",
+                    f"lr={lr}", "--experiment-name", "parallel"), env, tmp_path)
         for lr in LEARNING_RATES
     ]  # fmt: skip
     results = [p.communicate(timeout=LIMIT) for p in processes]

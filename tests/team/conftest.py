@@ -17,14 +17,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import requests
-from helpers import free_port, local_env
+from helpers import answers, free_port, local_env, stop_group, wait_until
 from team_services import ADMIN, ADMIN_PASSWORD, BUCKET, DB_PASSWORD, S3_KEYS, logged_in
 
 
@@ -34,35 +32,6 @@ def _postgres_bin() -> Path | None:
         return Path(found[-1]).parent
     initdb = shutil.which("initdb")
     return Path(initdb).parent if initdb else None
-
-
-def _wait_until(check, what: str, process: subprocess.Popen | None = None, seconds: float = 120):
-    deadline = time.monotonic() + seconds
-    while not check():
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not come up within {seconds:.0f} s")
-        time.sleep(0.3)
-
-
-def _answers(url: str) -> bool:
-    try:
-        requests.get(url, timeout=2)
-        return True
-    except requests.ConnectionError:
-        return False
-
-
-def _stop_group(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    """Stop a server and every worker it started (they share its process group)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, sig)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 @dataclass
@@ -153,12 +122,12 @@ def s3(tmp_path_factory) -> Iterator[Bucket]:
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
-        _wait_until(lambda: _answers(endpoint), "moto_server", server)
+        wait_until(lambda: answers(endpoint), "moto_server", server)
         bucket = Bucket(endpoint)
         bucket.client().create_bucket(Bucket=BUCKET)
         yield bucket
     finally:
-        _stop_group(server)
+        stop_group(server)
         log.close()
 
 
@@ -185,16 +154,16 @@ class TrackingServer:
             start_new_session=True,
         )  # fmt: skip
         try:
-            _wait_until(lambda: _answers(f"{self.url}/health"), "mlflow server", self.process)
+            wait_until(lambda: answers(f"{self.url}/health"), "mlflow server", self.process)
         except RuntimeError as error:
             raise RuntimeError(f"{error}: {self.log_path.read_text()[-3000:]}") from None
 
     def kill(self) -> None:
         """Gone at once, as a crash would leave it."""
-        _stop_group(self.process, signal.SIGKILL)
+        stop_group(self.process, signal.SIGKILL)
 
     def stop(self) -> None:
-        _stop_group(self.process)
+        stop_group(self.process)
 
     def user_env(self, username: str, password: str, **extra: str) -> dict[str, str]:
         """What a team member sets to work against the server (README, "Team server")."""

@@ -6,12 +6,11 @@ from __future__ import annotations
 import contextlib
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import mlflow
 import pytest
+from helpers import cli_command
 
 ADMIN, ADMIN_PASSWORD = "admin", "team-admin-password-1"
 DB_PASSWORD = "pg-secret-7"
@@ -30,18 +29,14 @@ def logged_in(username: str, password: str) -> Iterator[None]:
         yield
 
 
-def command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cifar_experiments", *args]
-
-
 def start(env: dict[str, str], cwd: Path, *args: str) -> subprocess.Popen:
     """`cifar-experiments <args>` in the background, its output (both streams) in one pipe."""
-    return subprocess.Popen(command(*args), env=env, cwd=cwd, stdout=subprocess.PIPE,
+    return subprocess.Popen(cli_command(*args), env=env, cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
 
 def train(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(command("train", *args), env=env, cwd=cwd, capture_output=True,
+    return subprocess.run(cli_command("train", *args), env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=LIMIT)  # fmt: skip
 
 
@@ -72,13 +67,3 @@ class Training:
     @property
     def output(self) -> str:
         return "".join(self.lines)
-
-
-def assert_every_point_once(client: mlflow.MlflowClient, run_id: str, epochs: int) -> None:
-    """No figure is missing or logged twice: each epoch's at steps 1..epochs, the training
-    loss (logged every step) at steps 1, 2, 3, ... (system metrics are samples, not counted)."""
-    keys = [key for key in client.get_run(run_id).data.metrics if not key.startswith("system/")]
-    history = {key: sorted(m.step for m in client.get_metric_history(run_id, key)) for key in keys}
-    assert history["val/accuracy"] == history["train/epoch_loss"] == list(range(1, epochs + 1))
-    assert history["train/loss"] == list(range(1, len(history["train/loss"]) + 1))
-    assert {key: steps for key, steps in history.items() if len(set(steps)) != len(steps)} == {}

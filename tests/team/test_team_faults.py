@@ -9,7 +9,8 @@ import time
 
 import mlflow
 import pytest
-from team_services import Training, assert_every_point_once, logged_in, run_id_of, train
+from helpers import assert_every_point_once
+from team_services import Training, logged_in, run_id_of, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.team]
 

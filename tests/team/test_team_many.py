@@ -9,9 +9,10 @@ import time
 import mlflow
 import optuna
 import pytest
-from team_services import DB_PASSWORD, LIMIT, assert_every_point_once, logged_in, start
+from helpers import assert_every_point_once
+from team_services import DB_PASSWORD, LIMIT, logged_in, start
 
-from cifar_experiments.sweep import parent_run, study
+from cifar_experiments.sweep import parent_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.team]
 

@@ -13,22 +13,19 @@ import mlflow
 import psycopg
 import pytest
 import requests
-from helpers import JPEG, b64, free_port, post, running
+from helpers import JPEG, TINY, assert_every_point_once, b64, free_port, post, running
 from team_services import (
     ADMIN,
     ADMIN_PASSWORD,
     DB_PASSWORD,
     S3_KEYS,
     Training,
-    assert_every_point_once,
     logged_in,
     run_id_of,
     train,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.team]
-
-TINY = ["--epochs", "2", "--batch-size", "8", "--log-every", "1"]
 
 
 def test_anonymous_requests_are_refused(tracking_server):

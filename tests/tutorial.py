@@ -2,7 +2,7 @@
 its transform, its training loop and its test loop. Benchmarks measure against it, and a test
 checks that a run's `cifar_net.pth` works in it.
 
-    python benchmarks/tutorial.py RUN_ID /path/to/test   # test/<class>/*.jpg
+    python tests/tutorial.py RUN_ID /path/to/test   # test/<class>/*.jpg
 
 scores the run's `cifar_net.pth` with the tutorial's test loop and prints it beside the run's
 own test accuracy, with and without test-time augmentation.

@@ -2,7 +2,7 @@
 must show, and screenshotted. The browser test (tests/test_ui.py) and the README's pictures
 both come from here.
 
-    MLFLOW_TRACKING_URI=sqlite:////abs/mlflow.db python benchmarks/ui_pages.py RUN_ID OUT_DIR
+    MLFLOW_TRACKING_URI=sqlite:////abs/mlflow.db python tests/ui_pages.py RUN_ID OUT_DIR
 
 starts `mlflow ui` on that store (a free loopback port), visits the pages and saves one PNG
 per page in OUT_DIR. It drives Debian's `chromium` and `chromium-driver` (or those named by
@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
+from helpers import free_port, local_env, running
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
@@ -32,7 +29,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from cifar_experiments.tracking import TRAINING_VIEW
+from cifar_experiments.tracking.links import TRAINING_VIEW
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -50,45 +47,14 @@ def browser_missing() -> str | None:
 
 @contextlib.contextmanager
 def mlflow_ui(store_uri: str, log_path: Path) -> Iterator[str]:
-    """`mlflow ui` on `store_uri`, on a free loopback port: its address while the block runs.
-    It starts workers of its own, so its whole process group is stopped after."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
+    """`mlflow ui` on `store_uri`, on a free loopback port: its address while the block runs."""
+    url = f"http://127.0.0.1:{(port := free_port())}"
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store_uri,
                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        # Its job runner (seven worker processes) serves GenAI features only.
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-    }
-    with log_path.open("w") as log:
-        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)  # fmt: skip
-        try:
-            deadline = time.monotonic() + 180
-            while not _answers(f"{url}/health"):
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow ui did not start: {log_path.read_text()[-2000:]}")
-                time.sleep(0.5)
-            yield url
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=2).ok
-    except requests.ConnectionError:
-        return False
+    # Its job runner (seven worker processes) serves GenAI features only.
+    env = local_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    with running(command, env, f"{url}/health", log_path, seconds=180):
+        yield url
 
 
 @contextlib.contextmanager
