@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shlex
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -32,6 +33,10 @@ from .config import (
     field_default,
 )
 from .tracking import project_run as mlflow_project
+
+if TYPE_CHECKING:
+    from .experiment import Prepared
+    from .registry import RegistrationFailed
 
 
 class _Cli(click.Group):
@@ -108,7 +113,9 @@ def train(project_run: str | None, resume: str | None, **options: Any) -> None:
     say.echo_summary(summary)
 
 
-def _prepare(resume: str | None, options: dict[str, Any], project_run: str | None) -> Any:
+def _prepare(
+    resume: str | None, options: dict[str, Any], project_run: str | None
+) -> Prepared | None:
     """Options -> a checked config, loaded data and, for --resume, the saved state; or None
     when there is nothing to do. Every refusal here is a usage error and makes no run."""
     from . import experiment
@@ -149,8 +156,6 @@ def _experiment_chosen(asked: str, project_run: str | None) -> str:
     asked for as a parameter would be logged beside a run that is not in it."""
     if project_run is None:
         return asked
-    import shlex
-
     from .tracking.store import experiment_of
 
     chosen = experiment_of(project_run)
@@ -204,7 +209,7 @@ def sweep(project_run: str | None, **options: Any) -> None:
     say.echo_sweep(outcome, plan.budget)
 
 
-def _registration_failed(failure: Any, project_run: str | None) -> None:
+def _registration_failed(failure: RegistrationFailed, project_run: str | None) -> None:
     """The training or sweep finished, but registering its model failed: say so, with the
     command that retries. `mlflow run` marks its run FAILED whenever we exit non-zero, and
     the run did finish: there the error is said, not signalled."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from .config import CUDA_RECIPES, RECIPES, ConfigError, value_type
+from .config import CUDA_RECIPES, RECIPES, ConfigError, flag, value_type
 
 Command = Callable[..., Any]
 
@@ -68,10 +68,6 @@ def options_of(config_class: type) -> Callable[[Command], Command]:
         return command
 
     return decorate
-
-
-def flag(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
 
 
 def _click_type(config_field: dataclasses.Field[Any], config_class: type) -> click.ParamType:

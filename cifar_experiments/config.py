@@ -1,8 +1,10 @@
-"""What a training run is asked to do: one frozen, validated dataclass.
+"""What each command is asked to do, as frozen, validated dataclasses (`TrainConfig`,
+`SweepConfig`, `RegisterConfig`), and the recipes unset training options take.
 
-Each field carries its own type, help and choices; the command line is made from them
-(cli.py), so an option is written once. Imports neither torch nor mlflow, so the CLI can
-check options before anything heavy loads.
+Each field carries its own type, help, choices and rules (does it change the training? may
+it change on resume?); the command line is made from them (cli_options.py), so an option is
+written once. Imports neither torch nor mlflow, so the CLI can check options before anything
+heavy loads.
 """
 
 from __future__ import annotations
@@ -340,6 +342,11 @@ class SweepConfig:
         _check_fields(self)
         if self.space is not None and not Path(self.space).is_file():
             raise ConfigError("space", f"{self.space} is not a file")
+
+
+def flag(field_name: str) -> str:
+    """The command-line option of a field: `--batch-size` for `batch_size`."""
+    return "--" + field_name.replace("_", "-")
 
 
 def field_help(name: str) -> str:

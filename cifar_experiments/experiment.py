@@ -18,7 +18,7 @@ import torch
 
 from . import checkpoint, data, engine, models, registry, serving, speedups
 from .callbacks import Checkpointing, ProgressBar, StopOnDivergence, Tracker
-from .config import TrainConfig, field_default, may_change_on_resume
+from .config import TrainConfig, field_default, flag, may_change_on_resume
 from .evaluation import Evaluation, curves_figure
 from .interrupts import Interrupted, StopRequests
 from .tracking import lifecycle, past_runs, store
@@ -116,7 +116,7 @@ def plan_resume(run_id: str, options: dict[str, Any]) -> tuple[TrainConfig, Resu
     state = checkpoint.load(path)
     original = state["meta"]["config"]
     conflicts = [
-        f"--{name.replace('_', '-')} {original[name]}"
+        f"{flag(name)} {original[name]}"
         for name, value in options.items()
         if not may_change_on_resume(name)
         and value != field_default(name)

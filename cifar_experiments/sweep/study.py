@@ -28,7 +28,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, ProgrammingError, SQLAlchemyError
 
 from .. import data, engine, registry, search_space
-from ..config import ONE_CYCLE_WARMUP, SweepConfig, TrainConfig, changes_training
+from ..config import ONE_CYCLE_WARMUP, SweepConfig, TrainConfig, changes_training, flag
 from ..tracking import lifecycle, store
 from . import parent_run
 
@@ -100,7 +100,7 @@ def prepare(
     space = search_space.load(sweep.space, checked.model, leave_out=fixed)
     both = sorted(fixed & set(space))
     if both:
-        flags = ", ".join("--" + name.replace("_", "-") for name in both)
+        flags = ", ".join(map(flag, both))
         raise search_space.SpaceError(
             f"{flags}: fixed for every trial, and searched by the space; give one or the other"
         )
