@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .data import Dataset, ImageSet
     from .evaluation import Evaluation
     from .interrupts import StopRequests
+    from .predictions import Predictions
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ class Tracker(Callback):
 
     def log_evaluation(self, split: str, evaluation: Evaluation, images: ImageSet) -> None:
         """How the model did on `split`, whose images are `images`."""
+
+    def log_predictions(self, split: str, predictions: Predictions) -> None:
+        """What the model answered for each image of `split`, to compare runs image by image."""
 
     def log_figure(self, figure: Figure, path: str) -> None:
         from matplotlib import pyplot as plt

@@ -210,7 +210,13 @@ class TrainConfig:
         None,
         KEEP_EPOCHS,
     )
-    seed: int = option("Seed for the split, initialisation, shuffling and augmentation.", 0)
+    seed: int = option("Seed for initialisation, shuffling and augmentation.", 0)
+    split_seed: int = option(
+        "Seed of the validation split alone: runs on the same data with the same split seed "
+        "hold out the same images (a smaller --val-fraction a subset of a larger one's), so "
+        "they can be compared image by image.",
+        0,
+    )
     device: str = _where_and_how(
         "Where to train; auto picks cuda, then mps, then cpu. Recipes may differ on cuda.",
         "auto",
@@ -284,6 +290,7 @@ _BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "weight_decay": (lambda v: v >= 0, "must be 0 or more"),
     "val_fraction": (lambda v: 0 < v < 1, "must be between 0 and 1"),
+    "split_seed": (lambda v: v >= 0, "must be 0 or more"),
     "label_smoothing": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "experiment_name": (_filled, "must not be empty"),
     "experiment": (_filled, "must not be empty"),

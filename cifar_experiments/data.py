@@ -137,25 +137,50 @@ def encode_png(image: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def stratified_split(images: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
-    """Hold out `val_fraction` of every class (at least one image of each), the same images
-    for the same seed."""
-    from sklearn.model_selection import train_test_split
+def held_out(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """The indices held out for validation, sorted: `val_fraction` of every class (at least one
+    image of each, and at least one left to train on), drawn by `seed` alone.
 
-    labels = images.labels.numpy()
-    held_out = max(round(val_fraction * len(labels)), len(np.unique(labels)))
-    try:
-        train_idx, val_idx = train_test_split(
-            np.arange(len(labels)), test_size=held_out, stratify=labels, random_state=seed
-        )
-    except ValueError as error:
-        raise DataError(f"cannot hold out {val_fraction:.0%} of every class: {error}") from error
+    Each class's images are shuffled by `seed` and the class, and the first of them held out,
+    so a smaller fraction holds out a subset of what a larger one does: runs on the same data
+    with the same seed always share held-out images, whatever fractions they chose.
+    """
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = max(1, round(val_fraction * len(members)))
+        if count >= len(members):
+            raise DataError(
+                f"cannot hold out {val_fraction:.0%} of every class: class {label} has "
+                f"{len(members)} image(s)"
+            )
+        order = np.random.default_rng([seed, int(label)]).permutation(len(members))
+        chosen.append(members[order[:count]])
+    return np.sort(np.concatenate(chosen))
+
+
+def split_at(images: ImageSet, held: np.ndarray) -> tuple[ImageSet, ImageSet]:
+    """The images not in `held` (indices), and those in it: training and validation."""
+    kept = np.ones(len(images), dtype=bool)
+    kept[held] = False
 
     def subset(idx: np.ndarray) -> ImageSet:
-        rows = torch.from_numpy(np.sort(idx))
+        rows = torch.from_numpy(idx)
         return ImageSet(images.images[rows], images.labels[rows])
 
-    return subset(train_idx), subset(val_idx)
+    return subset(np.flatnonzero(kept)), subset(held)
+
+
+def stratified_split(images: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Hold out `val_fraction` of every class (see `held_out`): training and validation."""
+    return split_at(images, held_out(images.labels.numpy(), val_fraction, seed))
+
+
+def split_digest(data_digest: str, ids: np.ndarray) -> str:
+    """A short fingerprint of which images of which data a split holds."""
+    h = hashlib.sha256(data_digest.encode())
+    h.update(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

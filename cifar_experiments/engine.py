@@ -414,7 +414,7 @@ def evaluate(
     model.eval()
     images = runtime.put(images)
     loss_sum = torch.zeros((), device=runtime.device)
-    predictions, scores = [], []
+    predictions, scores, true_scores = [], [], []
     for batch, labels in data.batches(images, EVAL_BATCH_SIZE):
         with runtime.autocast():
             inputs = normalization(batch)
@@ -427,10 +427,12 @@ def evaluate(
         top = log_proba.max(dim=1)
         predictions.append(top.indices)
         scores.append(top.values.exp())
+        true_scores.append(log_proba.gather(1, labels[:, None]).squeeze(1).exp())
     return Evaluation(
         classes=classes,
         labels=images.labels.cpu().numpy(),
         predictions=torch.cat(predictions).cpu().numpy(),
         scores=torch.cat(scores).cpu().numpy(),
         loss=loss_sum.item() / len(images),
+        true_scores=torch.cat(true_scores).cpu().numpy(),
     )

@@ -24,6 +24,7 @@ class Evaluation:
     predictions: np.ndarray
     scores: np.ndarray  # the probability the model gave each prediction
     loss: float
+    true_scores: np.ndarray | None = None  # the probability it gave each image's true class
 
     @property
     def accuracy(self) -> float:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import torch
 
 from . import checkpoint, data, engine, models, registry, serving, speedups
@@ -21,6 +22,7 @@ from .callbacks import Checkpointing, ProgressBar, StopOnDivergence, Tracker
 from .config import TrainConfig, field_default, flag, may_change_on_resume
 from .evaluation import Evaluation, curves_figure
 from .interrupts import Interrupted, StopRequests
+from .predictions import Predictions
 from .tracking import lifecycle, past_runs, store
 from .tracking.keys import BEST_VAL_METRIC
 
@@ -48,6 +50,7 @@ class Prepared:
     train: data.ImageSet
     val: data.ImageSet
     runtime: engine.Runtime
+    val_ids: np.ndarray  # which of the data's training images `val` holds
     resumption: Resumption | None = None
 
 
@@ -86,8 +89,9 @@ def prepare(
                 f"the data in {dataset.source} (digest {dataset.digest}) is not the data run "
                 f"{resumption.run_id} was trained on (digest {trained_on})"
             )
-    train, val = data.stratified_split(dataset.train, config.val_fraction, config.seed)
-    return Prepared(config, dataset, train, val, runtime, resumption)
+    val_ids = data.held_out(dataset.train.labels.numpy(), config.val_fraction, config.split_seed)
+    train, val = data.split_at(dataset.train, val_ids)
+    return Prepared(config, dataset, train, val, runtime, val_ids, resumption)
 
 
 def plan_resume(run_id: str, options: dict[str, Any]) -> tuple[TrainConfig, Resumption] | None:
@@ -115,6 +119,11 @@ def plan_resume(run_id: str, options: dict[str, Any]) -> tuple[TrainConfig, Resu
         )
     state = checkpoint.load(path)
     original = state["meta"]["config"]
+    if "split_seed" not in original:
+        raise ResumeError(
+            f"run {run_id} was made before validation splits had a seed of their own "
+            "(--split-seed), and its split cannot be drawn again; start a new run"
+        )
     conflicts = [
         f"{flag(name)} {original[name]}"
         for name, value in options.items()
@@ -199,6 +208,7 @@ def _record_results(
     config, dataset = prepared.config, prepared.dataset
     tracker.log_metrics({BEST_VAL_METRIC: fit.kept_val.accuracy}, step=fit.kept_epoch)
     tracker.log_evaluation("val", fit.kept_val, prepared.val)
+    tracker.log_predictions("val", Predictions.of(fit.kept_val, prepared.val_ids, dataset.digest))
     tracker.log_figure(curves_figure(fit.history), "training_curves.png")
     test = None
     if dataset.test is not None:
@@ -211,6 +221,8 @@ def _record_results(
             step=fit.kept_epoch,
         )  # fmt: skip
         tracker.log_evaluation("test", test, dataset.test)
+        test_ids = np.arange(len(dataset.test))
+        tracker.log_predictions("test", Predictions.of(test, test_ids, dataset.digest))
     # The weights take images normalised as the tutorial's code does, whatever training used.
     logged = data.TUTORIAL_NORMALIZATION
     tracker.log_model(

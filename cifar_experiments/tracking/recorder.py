@@ -23,6 +23,8 @@ from mlflow.entities import Metric
 
 from .. import serving
 from ..callbacks import Tracker
+from ..predictions import FILE as PREDICTIONS_FILE
+from ..predictions import Predictions
 from .keys import CHECKPOINT_TAG
 from .store import with_retries
 
@@ -114,6 +116,12 @@ class MlflowTracker(Tracker):
         mistakes = evaluation.mistakes_figure(images.images.cpu().numpy(), f"{split} split")
         if mistakes is not None:
             self.log_figure(mistakes, f"{folder}/confident_mistakes.png")
+
+    def log_predictions(self, split: str, predictions: Predictions) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / PREDICTIONS_FILE
+            path.write_bytes(predictions.to_bytes())
+            mlflow.log_artifact(str(path), f"evaluation/{split}")
 
     def log_figure(self, figure: Figure, path: str) -> None:
         mlflow.log_figure(figure, path)
