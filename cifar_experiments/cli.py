@@ -243,11 +243,31 @@ def register(**options: Any) -> None:
         if run_id is None:
             run_id = registry.best_finished_run(asked.experiment)
             click.echo(f"Best run of {asked.experiment!r}: {run_id}")
-        registration = registry.register_run(run_id, asked.model_name)
+        registration = registry.register_run(run_id, asked.model_name, asked.gate, asked.gate_alpha)
     except registry.RegistryError as error:
         raise click.ClickException(str(error)) from None
     except MlflowException as error:
         raise click.ClickException(f"cannot register run {run_id}: {error.message}") from None
+    echo_registration(registration)
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("version")
+def promote(name: str, version: str) -> None:
+    """Move `champion` of registered model NAME to VERSION by hand, past the gate; the
+    version's tag gate.verdict says `manual`."""
+    from mlflow.exceptions import MlflowException
+
+    from . import registry
+    from .cli_messages import echo_registration
+
+    try:
+        registration = registry.promote(name, version)
+    except MlflowException as error:
+        raise click.ClickException(
+            f"cannot promote {name} version {version}: {error.message}"
+        ) from None
     echo_registration(registration)
 
 

@@ -21,6 +21,7 @@ SCHEDULES = ("onecycle", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "bf16", "fp32")
 KEEP_EPOCHS = ("best", "last")
+GATES = ("significant", "better", "off")
 # The registered-model alias that always names the best version so far.
 CHAMPION_ALIAS = "champion"
 
@@ -243,11 +244,24 @@ class TrainConfig:
         metavar="PATH",
     )
     register: bool = _where_and_how(
-        "Register the model as a new version and move the `champion` alias to it when its "
-        "validation accuracy beats the champion's.",
+        "Register the model as a new version, and move the `champion` alias to it when the "
+        "gate (--gate) lets it.",
         True,
     )
     model_name: str = _where_and_how("Registered model name.", "cifar10-classifier")
+    gate: str = _where_and_how(
+        "When `champion` moves to a new version: significant (right more often on the "
+        "validation images both hold out, by an exact one-sided McNemar test at --gate-alpha, "
+        "and no class's recall significantly worse), better (a higher validation accuracy, "
+        "however small), or off (never).",
+        "significant",
+        GATES,
+    )
+    gate_alpha: float = _where_and_how(
+        "The gate's significance level: the risk it takes of promoting a version that is "
+        "not really better.",
+        0.05,
+    )
 
     def __post_init__(self) -> None:
         _check_choice(self, "model")
@@ -291,6 +305,7 @@ _BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "weight_decay": (lambda v: v >= 0, "must be 0 or more"),
     "val_fraction": (lambda v: 0 < v < 1, "must be between 0 and 1"),
     "split_seed": (lambda v: v >= 0, "must be 0 or more"),
+    "gate_alpha": (lambda v: 0 < v < 1, "must be between 0 and 1"),
     "label_smoothing": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "experiment_name": (_filled, "must not be empty"),
     "experiment": (_filled, "must not be empty"),
@@ -387,6 +402,8 @@ class RegisterConfig:
         field_default("experiment_name"),
     )
     model_name: str = option(field_help("model_name"), field_default("model_name"))
+    gate: str = option(field_help("gate"), field_default("gate"), field_choices("gate"))
+    gate_alpha: float = option(field_help("gate_alpha"), field_default("gate_alpha"))
     run_id: str | None = option(
         "Register this run instead of the experiment's best.", None, metavar="RUN_ID"
     )

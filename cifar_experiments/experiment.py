@@ -290,7 +290,9 @@ def train(
         raise
     if not config.register or summary.run_id is None:
         return summary
-    registration = registry.register_finished(summary, summary.run_id, config.model_name)
+    registration = registry.register_finished(
+        summary, summary.run_id, config.model_name, config.gate, config.gate_alpha
+    )
     return replace(summary, registration=registration)
 
 

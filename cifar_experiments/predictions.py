@@ -2,6 +2,7 @@
 image by image (gate.py, `compare`). One compact file per split, `predictions.npz`:
 
     example_id  the image's index among the data's training images (validation) or test images
+    classes     the class names, in label order
     label       its true class
     predicted   the class the logged model predicts (with its test-time augmentation)
     p_true      the probability it gives the true class
@@ -23,6 +24,7 @@ FILE = "predictions.npz"
 
 @dataclass(frozen=True)
 class Predictions:
+    classes: tuple[str, ...]
     example_ids: np.ndarray
     labels: np.ndarray
     predicted: np.ndarray
@@ -36,6 +38,7 @@ class Predictions:
         if evaluation.true_scores is None or len(ids) != len(evaluation.labels):
             raise ValueError("an evaluation with its true-class scores, one per id")
         return cls(
+            evaluation.classes,
             np.asarray(ids, dtype=np.int64),
             evaluation.labels.astype(np.int16),
             evaluation.predictions.astype(np.int16),
@@ -51,7 +54,8 @@ class Predictions:
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
         np.savez_compressed(
-            buffer, example_id=self.example_ids.astype(np.int32), label=self.labels,
+            buffer, classes=np.array(self.classes), example_id=self.example_ids.astype(np.int32),
+            label=self.labels,
             predicted=self.predicted, p_true=self.p_true,
             data_digest=np.array(self.data_digest), split_digest=np.array(self.split_digest),
         )  # fmt: skip
@@ -62,6 +66,7 @@ class Predictions:
         # Plain arrays only: nothing in the file may run code as it is read.
         with np.load(io.BytesIO(content), allow_pickle=False) as saved:
             return cls(
+                tuple(str(name) for name in saved["classes"]),
                 saved["example_id"].astype(np.int64), saved["label"], saved["predicted"],
                 saved["p_true"], str(saved["data_digest"]), str(saved["split_digest"]),
             )  # fmt: skip
@@ -70,14 +75,15 @@ class Predictions:
         """These predictions for the images `ids` only (each must be among them), in that order."""
         where = {int(example): row for row, example in enumerate(self.example_ids)}
         rows = np.array([where[int(example)] for example in ids], dtype=np.int64)
+        ids = self.example_ids[rows]
         return Predictions(
-            self.example_ids[rows], self.labels[rows], self.predicted[rows], self.p_true[rows],
-            self.data_digest, split_digest(self.data_digest, self.example_ids[rows]),
+            self.classes, ids, self.labels[rows], self.predicted[rows], self.p_true[rows],
+            self.data_digest, split_digest(self.data_digest, ids),
         )  # fmt: skip
 
 
 def shared_images(a: Predictions, b: Predictions) -> np.ndarray:
     """The images both predicted for, sorted; none unless they are of the same data."""
-    if a.data_digest != b.data_digest:
+    if a.data_digest != b.data_digest or a.classes != b.classes:
         return np.array([], dtype=np.int64)
     return np.intersect1d(a.example_ids, b.example_ids)

@@ -1,19 +1,27 @@
-"""The model registry: register a run's model, and move `champion` only to a better one.
+"""The model registry: register a run's model, and move `champion` through the gate
+(gate.py): to a version that is better on the validation images both hold out.
 
-Selection is on validation accuracy, never on test accuracy.
+Selection is on validation images, never on test images.
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from . import gate
 from .config import CHAMPION_ALIAS as CHAMPION
+from .predictions import FILE as PREDICTIONS_FILE
+from .predictions import Predictions
 from .tracking.keys import BEST_VAL_METRIC
+
+VAL_PREDICTIONS = f"evaluation/val/{PREDICTIONS_FILE}"
 
 
 class RegistryError(ValueError):
@@ -27,8 +35,11 @@ class Registration:
     message: str  # what happened to the alias, and why
 
 
-def register_run(run_id: str, name: str) -> Registration:
-    """Register the model of a finished run as a new version of `name`.
+def register_run(
+    run_id: str, name: str, rule: str = "significant", alpha: float = 0.05
+) -> Registration:
+    """Register the model of a finished run as a new version of `name`, and move `champion`
+    to it if the gate (`rule` at level `alpha`, see gate.py) lets it.
 
     A run already registered under `name` is not registered twice; its version is reported.
     """
@@ -53,7 +64,7 @@ def register_run(run_id: str, name: str) -> Registration:
         source = f"models:/{logged[0].model_id}"
         version = str(mlflow.register_model(source, name, tags=tags).version)
         client.update_model_version(name, version, description=_description(run, val, test))
-    return _crown_best(client, name, version, val)
+    return _through_gate(client, name, version, rule, alpha)
 
 
 class RegistrationFailed(Exception):
@@ -65,11 +76,11 @@ class RegistrationFailed(Exception):
         self.result, self.run_id, self.name, self.reason = result, run_id, name, reason
 
 
-def register_finished(result: Any, run_id: str, name: str) -> Registration:
+def register_finished(result: Any, run_id: str, name: str, rule: str, alpha: float) -> Registration:
     """`register_run` for the run that `result` finished; RegistrationFailed, carrying it,
     when the registry refuses or cannot be reached."""
     try:
-        return register_run(run_id, name)
+        return register_run(run_id, name, rule, alpha)
     except (MlflowException, RegistryError) as error:
         reason = getattr(error, "message", str(error))
         raise RegistrationFailed(result, run_id, name, reason) from error
@@ -92,53 +103,61 @@ def best_finished_run(experiment_name: str) -> str:
     return runs[0].info.run_id
 
 
-def _crown_best(client: mlflow.MlflowClient, name: str, version: str, val: float) -> Registration:
-    """Point `champion` at the version with the best validation accuracy, and say how
-    `version` fared.
+def _through_gate(
+    client: mlflow.MlflowClient, name: str, version: str, rule: str, alpha: float
+) -> Registration:
+    """Ask the gate whether `champion` moves to `version`, move it if so, and record why on the
+    version (tags) and its run (the per-class table).
 
-    Trainings that finish together register together: each moves the alias, then looks again
-    and moves it once more if a better version appeared meanwhile. The last to move it has
-    seen every version registered before, so `champion` ends on the best one.
+    Registrations that finish together race: each compares itself with the champion it finds
+    and moves the alias, then looks again; if another moved it meanwhile, it compares itself
+    with that one in turn. So the alias ends on a version no racer has beaten.
     """
-    previous = _champion(client, name)
-    best, best_val = _best_version(client, name)
+    candidate = _candidate(client, name, version)
+    decision = None
     for _ in range(10):
-        champion = _champion(client, name)
-        if champion is None or str(champion.version) != best:
-            client.set_registered_model_alias(name, CHAMPION, best)
-        latest, latest_val = _best_version(client, name)
-        if latest == best:
+        holder = _champion(client, name)
+        if holder is not None and str(holder.version) == version:
             break
-        best, best_val = latest, latest_val
-    if best != version:
-        return Registration(
-            name,
-            version,
-            f"{CHAMPION} stays on version {best}: its validation accuracy {best_val:.2%} is "
-            f"not beaten by {val:.2%}",
-        )
-    if previous is not None and str(previous.version) == version:
+        champion = _candidate(client, name, str(holder.version)) if holder is not None else None
+        decision = gate.decide(rule, alpha, candidate, champion)
+        if not decision.promotes:
+            break
+        client.set_registered_model_alias(name, CHAMPION, version)
+    if decision is None:
         return Registration(name, version, f"version {version} is already {CHAMPION}")
-    was = (
-        f"beats version {previous.version}'s {float(previous.tags['val_accuracy']):.2%}"
-        if previous is not None and "val_accuracy" in previous.tags
-        else "first version"
-    )
-    return Registration(
-        name, version, f"{CHAMPION} -> version {version} (validation accuracy {val:.2%}, {was})"
-    )
+    for key, value in decision.tags().items():
+        client.set_model_version_tag(name, version, key, value)
+    if decision.comparison is not None:
+        run_id = client.get_model_version(name, version).run_id
+        artifact = f"gate/per_class_vs_version_{decision.compared_with}.json"
+        mlflow.log_table(decision.comparison.table(), artifact, run_id=run_id)
+    return Registration(name, version, decision.line)
 
 
-def _best_version(client: mlflow.MlflowClient, name: str) -> tuple[str, float]:
-    """The version with the best validation accuracy; the earliest of equals."""
-    versions = client.search_model_versions(f"name = '{name}'")
-    scored = [
-        (float(v.tags["val_accuracy"]), -int(v.version), str(v.version))
-        for v in versions
-        if "val_accuracy" in v.tags
-    ]
-    val, _, version = max(scored)
-    return version, val
+def _candidate(client: mlflow.MlflowClient, name: str, version: str) -> gate.Candidate:
+    """A version as the gate sees it: its validation accuracy and its run's predictions on
+    the validation images, if the run saved them."""
+    model_version = client.get_model_version(name, version)
+    val = float(model_version.tags.get("val_accuracy", "nan"))
+    run_id = model_version.run_id
+    saved = {f.path for f in client.list_artifacts(run_id, "evaluation/val")} if run_id else set()
+    if run_id is None or VAL_PREDICTIONS not in saved:
+        return gate.Candidate(version, val, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run_id, VAL_PREDICTIONS, tmp)
+        return gate.Candidate(version, val, Predictions.from_bytes(Path(path).read_bytes()))
+
+
+def promote(name: str, version: str) -> Registration:
+    """Move `champion` to `version` by hand, past the gate; the version records it."""
+    client = mlflow.MlflowClient()
+    client.get_model_version(name, version)  # an unknown version is refused before anything moves
+    holder = _champion(client, name)
+    was = f" (it was version {holder.version})" if holder is not None else ""
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_model_version_tag(name, version, gate.VERDICT_TAG, "manual")
+    return Registration(name, version, f"{CHAMPION} -> version {version}, by hand{was}")
 
 
 def _champion(client: mlflow.MlflowClient, name: str) -> ModelVersion | None:

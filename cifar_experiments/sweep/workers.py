@@ -45,7 +45,10 @@ def run(plan: Plan, stop: StopRequests) -> Outcome:
         outcome = study.outcome(plan)
     if plan.register_as is None or outcome.best_run_id is None:
         return outcome
-    registration = registry.register_finished(outcome, outcome.best_run_id, plan.register_as)
+    gate, alpha = plan.base["gate"], plan.base["gate_alpha"]
+    registration = registry.register_finished(
+        outcome, outcome.best_run_id, plan.register_as, gate, alpha
+    )
     return dataclasses.replace(outcome, registration=registration)
 
 
