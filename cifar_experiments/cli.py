@@ -272,6 +272,55 @@ def promote(name: str, version: str) -> None:
 
 
 @cli.command()
+@click.argument("a")
+@click.argument("b")
+@click.option(
+    "--split",
+    type=click.Choice(["val", "test"]),
+    default="val",
+    show_default=True,
+    help="The validation images both held out (what decisions use), or the test images.",
+)
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also write the numbers to compare.json in this folder.",
+)
+def compare(a: str, b: str, split: str, output: Path | None) -> None:
+    """Compare two models image by image on the images both held out. A and B are each a run
+    ID, models:/NAME/VERSION or models:/NAME@ALIAS."""
+    import json
+
+    from mlflow.exceptions import MlflowException
+
+    from . import comparison, registry
+    from .tracking.past_runs import saved_predictions
+
+    try:
+        saved = [saved_predictions(registry.run_of(reference), split) for reference in (a, b)]
+    except registry.RegistryError as error:
+        raise click.ClickException(str(error)) from None
+    except MlflowException as error:
+        raise click.ClickException(f"cannot read the runs: {error.message}") from None
+    found = []
+    for reference, predictions in zip((a, b), saved, strict=True):
+        if predictions is None:
+            raise click.ClickException(
+                f"{reference} saved no per-image predictions of its {split} split (it was "
+                "trained before runs saved them); train it again to compare it"
+            )
+        found.append(predictions)
+    report = comparison.compare(a, found[0], b, found[1], split)
+    if report is None:
+        raise click.ClickException(f"{a} and {b} share no {split} images: they saw other data")
+    click.echo(report.text())
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "compare.json").write_text(json.dumps(report.as_json(), indent=2))
+        click.echo(f"Written: {output / 'compare.json'}")
+
+
+@cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--model",

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
-from . import statistics
-from .predictions import Predictions, shared_images
+from . import comparison, statistics
+from .predictions import Predictions
 
 # What a version's registration decided, as its tags.
 VERDICT_TAG, P_VALUE_TAG, IMAGES_TAG = "gate.verdict", "gate.p_value", "gate.images"
@@ -73,34 +71,24 @@ class Comparison:
 def compare(candidate: Predictions, champion: Predictions, alpha: float) -> Comparison | None:
     """The candidate against the champion on the images both held out; None if they share
     none (other data, say)."""
-    shared = shared_images(candidate, champion)
-    if shared.size == 0:
+    report = comparison.compare("candidate", candidate, "champion", champion, "val", alpha)
+    if report is None:
         return None
-    ours, theirs = candidate.on(shared), champion.on(shared)
-    paired = statistics.Paired(ours.right, theirs.right)
-    changes = []
-    for label, name in enumerate(candidate.classes):
-        mask = ours.labels == label
-        within = statistics.Paired(ours.right[mask], theirs.right[mask])
-        changes.append((name, int(mask.sum()), within))
-    p_worse = [statistics.mcnemar_greater(w.only_b, w.only_a) for _, _, w in changes]
+    # One-sided within each class: only a fall counts against the candidate.
+    p_worse = [statistics.mcnemar_greater(c.only_b, c.only_a) for c in report.classes]
     adjusted = statistics.holm(p_worse)
     return Comparison(
-        images=paired.images,
-        only_candidate=paired.only_a,
-        only_champion=paired.only_b,
-        candidate_accuracy=float(paired.a_right.mean()),
-        champion_accuracy=float(paired.b_right.mean()),
-        p_value=paired.p_a_better(),
+        images=report.images,
+        only_candidate=report.only_a,
+        only_champion=report.only_b,
+        candidate_accuracy=report.accuracy_a,
+        champion_accuracy=report.accuracy_b,
+        p_value=statistics.mcnemar_greater(report.only_a, report.only_b),
         classes=tuple(
-            ClassChange(name, images, _mean(w.a_right), _mean(w.b_right), p, q, q < alpha)
-            for (name, images, w), p, q in zip(changes, p_worse, adjusted, strict=True)
+            ClassChange(c.name, c.images, c.recall_a, c.recall_b, p, q, q < alpha)
+            for c, p, q in zip(report.classes, p_worse, adjusted, strict=True)
         ),
     )
-
-
-def _mean(right: np.ndarray) -> float:
-    return float(right.mean()) if right.size else float("nan")
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,7 @@ Selection is on validation images, never on test images.
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -17,11 +15,8 @@ from mlflow.exceptions import MlflowException
 
 from . import gate
 from .config import CHAMPION_ALIAS as CHAMPION
-from .predictions import FILE as PREDICTIONS_FILE
-from .predictions import Predictions
 from .tracking.keys import BEST_VAL_METRIC
-
-VAL_PREDICTIONS = f"evaluation/val/{PREDICTIONS_FILE}"
+from .tracking.past_runs import saved_predictions
 
 
 class RegistryError(ValueError):
@@ -141,12 +136,33 @@ def _candidate(client: mlflow.MlflowClient, name: str, version: str) -> gate.Can
     model_version = client.get_model_version(name, version)
     val = float(model_version.tags.get("val_accuracy", "nan"))
     run_id = model_version.run_id
-    saved = {f.path for f in client.list_artifacts(run_id, "evaluation/val")} if run_id else set()
-    if run_id is None or VAL_PREDICTIONS not in saved:
-        return gate.Candidate(version, val, None)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = client.download_artifacts(run_id, VAL_PREDICTIONS, tmp)
-        return gate.Candidate(version, val, Predictions.from_bytes(Path(path).read_bytes()))
+    predictions = saved_predictions(run_id, "val") if run_id is not None else None
+    return gate.Candidate(version, val, predictions)
+
+
+def run_of(reference: str) -> str:
+    """The run behind a run id, `models:/NAME/VERSION` or `models:/NAME@ALIAS`; RegistryError
+    in one line when there is none."""
+    client = mlflow.MlflowClient()
+    if not reference.startswith("models:/"):
+        try:
+            return client.get_run(reference).info.run_id
+        except MlflowException:
+            raise RegistryError(f"there is no run {reference!r}") from None
+    name, at, alias = reference.removeprefix("models:/").partition("@")
+    if not at:
+        name, _, alias = name.partition("/")
+    try:
+        found = (
+            client.get_model_version_by_alias(name, alias)
+            if at
+            else client.get_model_version(name, alias)
+        )
+    except MlflowException:
+        raise RegistryError(f"there is no model {reference!r}") from None
+    if found.run_id is None:
+        raise RegistryError(f"model {reference!r} has no run behind it")
+    return found.run_id
 
 
 def promote(name: str, version: str) -> Registration:

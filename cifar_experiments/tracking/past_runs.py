@@ -1,14 +1,17 @@
-"""What resuming needs to know of an earlier run, and its checkpoint when the local file is
-gone."""
+"""What later work reads of an earlier run: what resuming needs and its checkpoint when the
+local file is gone, and the predictions it saved for each image of a split."""
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
 
+from ..predictions import FILE as PREDICTIONS_FILE
+from ..predictions import Predictions
 from .keys import CHECKPOINT_ARTIFACT_DIR, CHECKPOINT_TAG, PROCESS_TAG
 from .store import TrackingError, tracking_uri
 
@@ -47,3 +50,17 @@ def download_checkpoint(run_id: str, destination: Path) -> Path | None:
         return None
     destination.mkdir(parents=True, exist_ok=True)
     return Path(client.download_artifacts(run_id, logged[0], str(destination)))
+
+
+def saved_predictions(run_id: str, split: str) -> Predictions | None:
+    """What the run's model answered for each image of `split` ("val" or "test"); None for a
+    run that saved none (trained before runs saved them, or with no such split)."""
+    client = mlflow.MlflowClient()
+    folder = f"evaluation/{split}"
+    path = f"{folder}/{PREDICTIONS_FILE}"
+    if path not in {f.path for f in client.list_artifacts(run_id, folder)}:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return Predictions.from_bytes(
+            Path(client.download_artifacts(run_id, path, tmp)).read_bytes()
+        )
