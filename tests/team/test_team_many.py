@@ -13,6 +13,7 @@ from helpers import assert_every_point_once
 from team_services import DB_PASSWORD, LIMIT, logged_in, start
 
 from cifar_experiments.sweep import parent_run
+from cifar_experiments.sweep import study as sweep_study
 
 pytestmark = [pytest.mark.slow, pytest.mark.team]
 
@@ -55,7 +56,7 @@ def test_two_machines_sweep_one_study_with_no_trial_run_twice(
     assert {run.data.tags[parent_run.PARENT_TAG] for run in children} == {parents[0].info.run_id}
     numbers = sorted(int(run.data.tags[parent_run.TRIAL_TAG]) for run in children)
     assert numbers == list(range(6)), "each trial once, as one run"
-    ran = [trial for trial in trials if not trial.user_attrs.get(study.SURPLUS_ATTR)]
+    ran = [trial for trial in trials if not trial.user_attrs.get(sweep_study.SURPLUS_ATTR)]
     assert sorted(trial.number for trial in ran) == numbers
     assert len({run.data.tags["process"] for run in children}) == 2, "both machines took trials"
     best_run = parents[0].data.tags["best_run_id"]
