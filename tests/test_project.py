@@ -106,6 +106,7 @@ def test_mlflow_run_trains_into_the_run_it_made(image_folder, tracking_store, tm
     assert len(runs) == 1, "the CLI must fill in the run `mlflow run` made, not start another"
     (run,) = runs
     assert run.info.status == "FINISHED"
+    assert run.info.run_name == "tutorial-1-epochs", "named as the CLI names it, not at random"
     assert run.data.params["lr"] == "2e-2"  # as `mlflow run` logged it
     assert run.data.params["batch_size"] == "8"
     assert run.data.params["momentum"] == str(RECIPES["tutorial"]["momentum"])  # the recipe's

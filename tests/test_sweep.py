@@ -271,6 +271,7 @@ def test_mlflow_run_sweep_nests_trials_under_the_run_it_made(
     assert done.returncode == 0, done.stderr[-3000:]
     parent = only_parent()
     assert mlflow.get_experiment(parent.info.experiment_id).name == "sweeps"
+    assert parent.info.run_name == "sweeps-tutorial", "named after its study, not at random"
     trials = children(parent.info.run_id)
     assert len(trials) == 2
     assert {run.info.experiment_id for run in trials} == {parent.info.experiment_id}

@@ -138,7 +138,9 @@ def plan(
     else:
         study.set_user_attr(SETTINGS_ATTR, settings)
         parent = project_run or lifecycle.start_parent_run(experiment_name, study_name)
-        mlflow.MlflowClient().set_tag(parent, parent_run.STUDY_TAG, study_name)
+        client = mlflow.MlflowClient()
+        client.set_tag(parent, parent_run.STUDY_TAG, study_name)
+        client.update_run(parent, name=study_name)  # `mlflow run` named its run at random
         study.set_user_attr(PARENT_ATTR, parent)
         parent_run.log_settings(parent, sweep, base, space, shown(storage))
         recipe = _recipe_point(base, space)

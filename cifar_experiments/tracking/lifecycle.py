@@ -38,11 +38,14 @@ def mlflow_run(
     experiment = None
     if run_id is None:
         experiment = with_retries(lambda: mlflow.set_experiment(config.experiment_name))
+    # A run says what it trains, whoever started it (`mlflow run` would name it at random);
+    # a resumed run keeps its name.
+    name = config.run_name or (None if resume_run_id else f"{config.model}-{config.epochs}-epochs")
     run = once_granted(
         experiment,
         lambda: with_retries(
             lambda: mlflow.start_run(
-                run_id=run_id, run_name=config.run_name, tags=tags, log_system_metrics=True
+                run_id=run_id, run_name=name, tags=tags, log_system_metrics=True
             )
         ),
     )
