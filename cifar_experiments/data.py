@@ -139,12 +139,9 @@ def encode_png(image: torch.Tensor) -> bytes:
 
 def held_out(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
     """The indices held out for validation, sorted: `val_fraction` of every class (at least one
-    image of each, and at least one left to train on), drawn by `seed` alone.
-
-    Each class's images are shuffled by `seed` and the class, and the first of them held out,
-    so a smaller fraction holds out a subset of what a larger one does: runs on the same data
-    with the same seed always share held-out images, whatever fractions they chose.
-    """
+    image of each, and one left to train on). Each class is shuffled by `seed` and the class
+    alone, and its first images held out: a smaller fraction holds out a subset of what a
+    larger one does, so runs on the same data and seed always share held-out images."""
     chosen = []
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
@@ -174,13 +171,6 @@ def split_at(images: ImageSet, held: np.ndarray) -> tuple[ImageSet, ImageSet]:
 def stratified_split(images: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
     """Hold out `val_fraction` of every class (see `held_out`): training and validation."""
     return split_at(images, held_out(images.labels.numpy(), val_fraction, seed))
-
-
-def split_digest(data_digest: str, ids: np.ndarray) -> str:
-    """A short fingerprint of which images of which data a split holds."""
-    h = hashlib.sha256(data_digest.encode())
-    h.update(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
-    return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

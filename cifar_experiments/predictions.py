@@ -11,15 +11,22 @@ image by image (gate.py, `compare`). One compact file per split, `predictions.np
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 
 import numpy as np
 
-from .data import split_digest
 from .evaluation import Evaluation
 
 FILE = "predictions.npz"
+
+
+def split_digest(data_digest: str, ids: np.ndarray) -> str:
+    """A short fingerprint of which images of which data a split holds."""
+    h = hashlib.sha256(data_digest.encode())
+    h.update(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

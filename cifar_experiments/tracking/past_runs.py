@@ -13,7 +13,7 @@ from mlflow.exceptions import MlflowException
 from ..predictions import FILE as PREDICTIONS_FILE
 from ..predictions import Predictions
 from .keys import CHECKPOINT_ARTIFACT_DIR, CHECKPOINT_TAG, PROCESS_TAG
-from .store import TrackingError, tracking_uri
+from .store import TrackingError, settings, tracking_uri
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,8 @@ def saved_predictions(run_id: str, split: str) -> Predictions | None:
     path = f"{folder}/{PREDICTIONS_FILE}"
     if path not in {f.path for f in client.list_artifacts(run_id, folder)}:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        return Predictions.from_bytes(
-            Path(client.download_artifacts(run_id, path, tmp)).read_bytes()
-        )
+    # A file of kilobytes: no progress bar in the middle of what the command prints.
+    quiet = settings(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+    with quiet, tempfile.TemporaryDirectory() as tmp:
+        saved = Path(client.download_artifacts(run_id, path, tmp))
+        return Predictions.from_bytes(saved.read_bytes())

@@ -120,12 +120,16 @@ def experiment_of(run_id: str) -> str:
     return client.get_experiment(client.get_run(run_id).info.experiment_id).name
 
 
-@contextmanager
-def one_try() -> Iterator[None]:
+def one_try() -> contextlib.AbstractContextManager[None]:
     """MLflow's HTTP requests in the block are tried once, and wait at most 10 s."""
-    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-    saved = {name: os.environ.get(name) for name in quick}
-    os.environ.update(quick)
+    return settings(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+
+
+@contextmanager
+def settings(**variables: str) -> Iterator[None]:
+    """MLflow reads these environment variables as the block runs; as they were after it."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
     try:
         yield
     finally:
