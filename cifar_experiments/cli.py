@@ -28,6 +28,7 @@ from .cli_options import (
 from .config import (
     CHAMPION_ALIAS,
     RegisterConfig,
+    RepeatConfig,
     SweepConfig,
     TrainConfig,
     field_default,
@@ -75,13 +76,15 @@ def cli() -> None:
     "--device may change).",
 )
 @options_of(TrainConfig)
+@options_of(RepeatConfig)
 @click.pass_obj
 def train(project_run: str | None, resume: str | None, **options: Any) -> None:
     """Train a classifier and record everything in MLflow.
 
     Ends with the run ID, the test accuracy and the command that opens the MLflow UI. Ctrl-C
     or SIGTERM stops it after the current step, saves a checkpoint, marks the run KILLED and
-    prints the command that resumes it.
+    prints the command that resumes it. With --repeats, trains several seeds as child runs of
+    one parent, which sums them up.
     """
     from . import cli_messages as say
     from . import experiment, interrupts, registry
@@ -89,6 +92,12 @@ def train(project_run: str | None, resume: str | None, **options: Any) -> None:
     from .checkpoint import CheckpointError
     from .tracking.outage import ServerLost
 
+    asked = {f.name: options.pop(f.name) for f in dataclasses.fields(RepeatConfig)}
+    with refusals_as_option_errors():
+        repeat = RepeatConfig(**asked)
+    if repeat.repeats > 1:
+        _train_repeats(repeat, resume, options, project_run)
+        return
     with interrupts.StopRequests().installed() as stop:
         try:
             prepared = _prepare(resume, options, project_run)
@@ -111,6 +120,36 @@ def train(project_run: str | None, resume: str | None, **options: Any) -> None:
             _registration_failed(failure, project_run)
             return
     say.echo_summary(summary)
+
+
+def _train_repeats(
+    repeat: RepeatConfig, resume: str | None, options: dict[str, Any], project_run: str | None
+) -> None:
+    """Several seeds of one setting, as child runs of one parent (repeats.py)."""
+    from . import cli_messages as say
+    from . import interrupts, processes, registry, repeats
+
+    if resume is not None:
+        raise click.BadParameter("repeats are not resumed; resume a child run on its own",
+                                 param_hint="'--resume'")  # fmt: skip
+    prepared = _prepare(None, options, project_run)  # every check, before the parent exists
+    assert prepared is not None, "a new training always has something to do"
+    plan = repeats.plan(prepared.config, repeat.repeats, repeat.workers, project_run)
+    with interrupts.StopRequests().installed() as stop:
+        try:
+            outcome = repeats.run(plan, stop, prepared.dataset)
+        except interrupts.Interrupted as interruption:
+            stopped = f"repeats {plan.name} (parent run {plan.parent_run_id}) stopped"
+            click.echo(f"Stopped by {interruption.signal_name}: {stopped}; the finished seeds "
+                       "are kept.", err=True)  # fmt: skip
+            sys.exit(interruption.exit_code)
+        except processes.WorkerFailed as failure:
+            raise click.ClickException(str(failure)) from None
+        except registry.RegistrationFailed as failure:
+            say.echo_repeats(failure.result)
+            _registration_failed(failure, project_run)
+            return
+    say.echo_repeats(outcome)
 
 
 def _prepare(

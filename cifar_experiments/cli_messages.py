@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .experiment import Summary
     from .interrupts import Interrupted
     from .registry import Registration, RegistrationFailed
+    from .repeats import Outcome as RepeatOutcome
     from .sweep.study import Outcome, Plan
     from .tracking.outage import ServerLost
 
@@ -51,6 +52,28 @@ def echo_sweep(outcome: Outcome, budget: int) -> None:
     click.echo(
         f"Sweep {outcome.study_name} (parent run {outcome.parent_run_id}): {states} of "
         f"{budget} trials. {found}. Browse it: {_browse_run(outcome.parent_run_id)}"
+    )
+    if outcome.registration is not None:
+        echo_registration(outcome.registration)
+
+
+def echo_repeats(outcome: RepeatOutcome) -> None:
+    summary = outcome.summary
+
+    def over_seeds(name: str, what: str) -> str:
+        if f"repeats/{name}_mean" not in summary:
+            return f"no {what}"
+        low, high = summary[f"repeats/{name}_ci_low"], summary[f"repeats/{name}_ci_high"]
+        return (
+            f"{what} {summary[f'repeats/{name}_mean']:.2%} on average (95 % interval "
+            f"{low:.2%} to {high:.2%}, standard deviation {summary[f'repeats/{name}_std']:.2%})"
+        )
+
+    click.echo(
+        f"Repeats {outcome.name} (parent run {outcome.parent_run_id}): "
+        f"{over_seeds('val_accuracy', 'validation')}; {over_seeds('test_accuracy', 'test')}. "
+        f"Best: seed {outcome.best_seed} (run {outcome.best_run_id}). Browse it: "
+        f"{_browse_run(outcome.parent_run_id)}"
     )
     if outcome.registration is not None:
         echo_registration(outcome.registration)

@@ -294,6 +294,7 @@ def _filled(text: str) -> bool:
 # Each option's bounds, checked for every config and for every value a sweep may try.
 _BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trials": (lambda v: v >= 1, "must be at least 1"),
+    "repeats": (lambda v: v >= 1, "must be at least 1"),
     "workers": (lambda v: v >= 1, "must be at least 1"),
     "timeout": (lambda v: v > 0, "must be positive"),
     "study": (_filled, "must not be empty"),
@@ -364,6 +365,24 @@ class SweepConfig:
         _check_fields(self)
         if self.space is not None and not Path(self.space).is_file():
             raise ConfigError("space", f"{self.space} is not a file")
+
+
+@dataclass(frozen=True)
+class RepeatConfig:
+    """How many seeds of one setting `train` trains, and how many at once."""
+
+    repeats: int = option(
+        "Train this many seeds of the setting (--seed, --seed + 1, ...) as child runs of one "
+        "parent run, all on the same validation split; the parent sums them up over seeds, "
+        "and the best goes through the gate.",
+        1,
+    )
+    workers: int = option(
+        "Repeats at once on this machine, each in a process with its share of the cores.", 1
+    )
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 def flag(field_name: str) -> str:

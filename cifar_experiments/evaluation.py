@@ -182,6 +182,17 @@ def curves_figure(history: list[dict[str, float]]) -> Figure:
     return fig
 
 
+def seeds_figure(curves: dict[int, list[tuple[int, float]]]) -> Figure:
+    """Validation accuracy per epoch of each seed of one setting, on one chart."""
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    for seed, points in sorted(curves.items()):
+        ax.plot(*zip(*points, strict=True), "o-", label=f"seed {seed}")
+    ax.set(xlabel="epoch", ylabel="validation accuracy", title="each seed's validation curve")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
 def _row_normalize(counts: np.ndarray) -> np.ndarray:
     totals = counts.sum(axis=1, keepdims=True)
     return np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)

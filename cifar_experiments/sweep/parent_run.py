@@ -18,11 +18,11 @@ from optuna.trial import FrozenTrial
 
 from ..config import SweepConfig
 from ..search_space import Space
+from ..tracking.keys import PARENT_TAG
 
 log = logging.getLogger(__name__)
 
-# Tags of the child runs: the UI nests a run under the one its parentRunId names.
-PARENT_TAG = "mlflow.parentRunId"
+# Tags of the child runs, besides the parent's (tracking.keys.PARENT_TAG).
 STUDY_TAG = "sweep.study"
 TRIAL_TAG = "sweep.trial"
 STATE_TAG = "sweep.trial_state"  # running, complete, pruned, failed or interrupted

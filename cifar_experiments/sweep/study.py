@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 import warnings
 from collections import Counter
@@ -27,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, ProgrammingError, SQLAlchemyError
 
-from .. import data, engine, registry, search_space
+from .. import data, engine, processes, registry, search_space
 from ..config import ONE_CYCLE_WARMUP, SweepConfig, TrainConfig, changes_training, flag
 from ..tracking import lifecycle, store
 from . import parent_run
@@ -153,10 +152,7 @@ def plan(
             f"new one ({project_run}); continue the study in its own run: mlflow run . -e sweep "
             f"--run-id {parent} ... (the same parameters)"
         )
-    threads = max(1, _cores() // sweep.workers)
-    if sweep.workers > _cores():
-        log.warning("%d workers on %d cores: each gets one thread, and they take turns",
-                    sweep.workers, _cores())  # fmt: skip
+    threads = processes.threads_per_worker(sweep.workers)
     deadline = time.time() + sweep.timeout if sweep.timeout else None
     return Plan(sweep, base, space, study_name, storage, parent, store.tracking_uri(),
                 deadline, threads)  # fmt: skip
@@ -189,7 +185,9 @@ def rdb_storage(url: str) -> optuna.storages.RDBStorage:
                 time.sleep(pause)
         return _connect(url)
     except (ImportError, ValueError, SQLAlchemyError) as error:  # no driver, a bad URL
-        raise SweepError(f"cannot use the Optuna storage {shown(url)}: {one_line(error)}") from None
+        raise SweepError(
+            f"cannot use the Optuna storage {shown(url)}: {processes.one_line(error)}"
+        ) from None
 
 
 def _connect(url: str) -> optuna.storages.RDBStorage:
@@ -269,10 +267,6 @@ def outcome(plan: Plan) -> Outcome:
     return Outcome(plan.study_name, plan.parent_run_id, dict(states), best(trials))
 
 
-def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:300]
-
-
 def _settings(base: dict[str, Any], space: search_space.Space) -> dict[str, Any]:
     """What makes trials comparable: the space and every option that changes training."""
     options = {k: v for k, v in base.items() if changes_training(k)}
@@ -310,9 +304,3 @@ def _existing_parent(study: optuna.Study, settings: dict[str, Any]) -> str:
         time.sleep(0.5)
         study = optuna.load_study(study_name=study.study_name, storage=study._storage)
     raise SweepError(f"study {study.study_name} has no parent run; give a new --study")
-
-
-def _cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1

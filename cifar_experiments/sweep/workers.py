@@ -9,20 +9,17 @@ their own, sharing its cores; the best trial is registered once the study ends.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
-import multiprocessing
-import os
-import signal
 import time
 import warnings
-from multiprocessing.queues import SimpleQueue
 
 import mlflow
 import optuna
 import torch
 
-from .. import data, engine, experiment, registry
+from .. import data, engine, experiment, processes, registry
 from ..config import ConfigError, TrainConfig
 from ..interrupts import Interrupted, StopRequests
 from ..tracking import lifecycle
@@ -41,7 +38,10 @@ def run(plan: Plan, stop: StopRequests) -> Outcome:
         if plan.sweep.workers == 1:
             work(plan, 0, stop)
         else:
-            _run_processes(plan, stop)
+            try:
+                processes.run(functools.partial(work, plan), plan.sweep.workers, stop)
+            except processes.WorkerFailed as failure:
+                raise SweepError(str(failure)) from None
         outcome = study.outcome(plan)
     if plan.register_as is None or outcome.best_run_id is None:
         return outcome
@@ -158,70 +158,3 @@ def _failed(trial: optuna.Trial, reason: str) -> float:
     trial.set_user_attr(FAILURE_ATTR, reason)
     log.warning("Trial %d failed: %s", trial.number, reason)
     return math.nan
-
-
-def _run_processes(plan: Plan, stop: StopRequests) -> None:
-    """Start a process per worker and wait for them. A stop request reaches each as SIGTERM,
-    which ends it after its current step, like Ctrl-C (a terminal sends that to all of them
-    already; a SIGTERM after a SIGINT changes nothing)."""
-    context = multiprocessing.get_context("spawn")  # no torch state forked mid-use
-    failures = context.SimpleQueue()  # (process name, last words) of each worker that fails
-    processes = [
-        context.Process(
-            target=_worker_process, args=(plan, worker, failures), name=f"worker-{worker}"
-        )
-        for worker in range(plan.sweep.workers)
-    ]
-    for process in processes:
-        process.start()
-    forwarded = False
-    try:
-        with stop.deferred():
-            while any(process.is_alive() for process in processes):
-                if stop.pending is not None and not forwarded:
-                    for process in processes:
-                        if process.is_alive() and process.pid is not None:
-                            os.kill(process.pid, signal.SIGTERM)
-                    forwarded = True
-                time.sleep(0.2)
-    finally:
-        for process in processes:
-            if process.is_alive():  # a second Ctrl-C: stop at once
-                process.terminate()
-            process.join()
-    if stop.pending is not None:
-        raise Interrupted(stop.pending)
-    crashed = [p for p in processes if p.exitcode not in (0, *_interrupted_codes())]
-    if crashed:
-        said = {}
-        while not failures.empty():
-            name, last_words = failures.get()
-            said[name] = last_words
-        reason = said.get(crashed[0].name, "its output says why")
-        raise SweepError(f"{crashed[0].name} failed (exit status {crashed[0].exitcode}): {reason}")
-    if any(p.exitcode for p in processes):
-        raise Interrupted(signal.SIGTERM)  # someone stopped a worker itself
-
-
-def _interrupted_codes() -> tuple[int, ...]:
-    return tuple(Interrupted(signum).exit_code for signum in (signal.SIGINT, signal.SIGTERM))
-
-
-def _worker_process(plan: Plan, worker: int, failures: SimpleQueue[tuple[str, str]]) -> None:
-    """A worker in a process of its own, its name on its lines (and no progress bars: those of
-    several processes would overwrite each other). An error it did not expect ends it with its
-    traceback, and its one line goes to the parent, which ends the sweep with it."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(f"[worker {worker}] %(message)s"))
-    package_log = logging.getLogger("cifar_experiments")
-    package_log.addHandler(handler)
-    package_log.setLevel(logging.INFO)
-    with StopRequests().installed() as stop:
-        try:
-            work(plan, worker, stop)
-        except Interrupted as interruption:
-            raise SystemExit(interruption.exit_code) from None
-        except Exception as error:
-            name = multiprocessing.current_process().name
-            failures.put((name, f"{type(error).__name__}: {study.one_line(error)}"))
-            raise

@@ -9,6 +9,8 @@ CHECKPOINT_TAG = "checkpoint"
 PROCESS_TAG = "process"
 # The run's last checkpoint among its artifacts, for resuming on another machine.
 CHECKPOINT_ARTIFACT_DIR = "checkpoint"
+# The UI nests a run under the one this tag names (a sweep's trials, a training's repeats).
+PARENT_TAG = "mlflow.parentRunId"
 # MLflow's UI opens an experiment in its GenAI mode unless told it is for model training.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
