@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import mlflow
 import psycopg
 import pytest
 import requests
-from helpers import JPEG, TINY, assert_every_point_once, b64, free_port, post, running
+from helpers import JPEG, TINY, assert_every_point_once, b64, cli_command, free_port, post, running
 from team_services import (
     ADMIN,
     ADMIN_PASSWORD,
@@ -147,3 +148,21 @@ def test_read_only_members_are_refused_before_any_data_until_granted_edit(
     done = train(bob, tmp_path, *TINY, "--data", str(image_folder), "--experiment-name",
                  "alices", "--no-register")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_two_members_runs_are_compared_through_the_server(tracking_server, users, image_folder,
+                                                           tmp_path):  # fmt: skip
+    """compare reads both runs' predictions from the bucket through the server."""
+    runs = []
+    for member, seed in (("alice", "0"), ("bob", "1")):
+        env = tracking_server.user_env(member, users[member])
+        done = train(env, tmp_path, *TINY, "--seed", seed, "--val-fraction", "0.5",
+                     "--no-register", "--data", str(image_folder),
+                     "--experiment-name", f"{member}-compared")  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(run_id_of(done.stdout))
+    env = tracking_server.user_env("alice", users["alice"])
+    done = subprocess.run(cli_command("compare", *runs), env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "15 val images held out by both" in done.stdout and "p = " in done.stdout
