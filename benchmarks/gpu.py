@@ -23,7 +23,8 @@ from dataclasses import replace
 import torch
 
 from cifar_experiments import data, engine
-from cifar_experiments.config import RECIPES, TrainConfig
+from cifar_experiments.config import TrainConfig
+from cifar_experiments.recipes import RECIPES
 
 HOLD_OUT_SEED = 2026
 

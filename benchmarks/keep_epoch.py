@@ -22,7 +22,8 @@ from dataclasses import replace
 from gpu import held_out
 
 from cifar_experiments import data, engine
-from cifar_experiments.config import AIRBENCH94_SGD, TrainConfig
+from cifar_experiments.config import TrainConfig
+from cifar_experiments.recipes import AIRBENCH94_SGD
 
 DEV_IMAGES = 5000
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import click
 
-from .config import CUDA_RECIPES, RECIPES, ConfigError, flag, value_type
+from .config import ConfigError, flag, value_type
+from .recipes import CUDA_RECIPES, RECIPES
 
 Command = Callable[..., Any]
 

@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from . import speedups
-from .config import AIRBENCH94
+from .recipes import AIRBENCH94
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from . import data, models, speedups
-from .config import AIRBENCH94, ONE_CYCLE_WARMUP, TrainConfig
+from .config import TrainConfig
 from .evaluation import Evaluation
+from .recipes import AIRBENCH94, ONE_CYCLE_WARMUP
 
 log = logging.getLogger(__name__)
 Model = TypeVar("Model", bound=nn.Module)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import speedups
-from .config import AIRBENCH94
+from .recipes import AIRBENCH94
 
 
 class CifarNet(nn.Module):

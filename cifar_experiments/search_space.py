@@ -35,7 +35,7 @@ SEARCHABLE = (
 )  # fmt: skip
 
 # What each model searches unless a space file says otherwise: around its recipe
-# (config.RECIPES), over the options that moved validation accuracy most when tuned by hand.
+# (recipes.RECIPES), over the options that moved validation accuracy most when tuned by hand.
 DEFAULT_SPACES: dict[str, dict[str, Any]] = {
     "tutorial": {
         "lr": {"low": 0.03, "high": 0.2, "log": True},

@@ -15,7 +15,7 @@ from helpers import CLASSES, TINY, encode, free_port, synthetic_images
 import cifar_experiments
 from cifar_experiments import checkpoint, engine, interrupts
 from cifar_experiments.cli import cli
-from cifar_experiments.config import RECIPES
+from cifar_experiments.recipes import RECIPES
 
 
 def train(*args: str) -> object:

@@ -1,12 +1,7 @@
 import pytest
 
-from cifar_experiments.config import (
-    AIRBENCH94_SGD,
-    CUDA_RECIPES,
-    RECIPES,
-    ConfigError,
-    TrainConfig,
-)
+from cifar_experiments.config import ConfigError, TrainConfig
+from cifar_experiments.recipes import AIRBENCH94_SGD, CUDA_RECIPES, RECIPES
 
 
 def test_defaults_are_valid():

@@ -14,7 +14,8 @@ import yaml
 from helpers import ROOT, local_env
 
 from cifar_experiments.cli import train
-from cifar_experiments.config import RECIPES, TrainConfig
+from cifar_experiments.config import TrainConfig
+from cifar_experiments.recipes import RECIPES
 
 
 def entry_point(name: str = "main") -> dict:

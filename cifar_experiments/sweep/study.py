@@ -27,7 +27,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, ProgrammingError, SQLAlchemyError
 
 from .. import data, engine, processes, registry, search_space
-from ..config import ONE_CYCLE_WARMUP, SweepConfig, TrainConfig, changes_training, flag
+from ..config import SweepConfig, TrainConfig, changes_training, flag
+from ..recipes import ONE_CYCLE_WARMUP
 from ..tracking import lifecycle, store
 from . import parent_run
 
