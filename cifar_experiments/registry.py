@@ -102,15 +102,11 @@ def _through_gate(
     client: mlflow.MlflowClient, name: str, version: str, rule: str, alpha: float
 ) -> Registration:
     """Ask the gate whether `champion` moves to `version`, move it if so, and record why on the
-    version (tags) and its run (the per-class table).
-
-    Registrations that finish together race: each compares itself with the champion it finds
-    and moves the alias, then looks again; if another moved it meanwhile, it compares itself
-    with that one in turn. So the alias ends on a version no racer has beaten.
-    """
+    version (tags) and its run (the per-class table); then settle any race (`_settle`)."""
     candidate = _candidate(client, name, version)
+    first_seen = _champion(client, name)
     decision = None
-    for _ in range(10):
+    for _ in range(10):  # another registration may move the alias between a look and a move
         holder = _champion(client, name)
         if holder is not None and str(holder.version) == version:
             break
@@ -121,13 +117,43 @@ def _through_gate(
         client.set_registered_model_alias(name, CHAMPION, version)
     if decision is None:
         return Registration(name, version, f"version {version} is already {CHAMPION}")
+    _record(client, name, version, decision)
+    _settle(client, name, rule, alpha, int(first_seen.version) if first_seen else 0)
+    return Registration(name, version, decision.line)
+
+
+def _record(client: mlflow.MlflowClient, name: str, version: str, decision: gate.Decision) -> None:
     for key, value in decision.tags().items():
         client.set_model_version_tag(name, version, key, value)
     if decision.comparison is not None:
         run_id = client.get_model_version(name, version).run_id
         artifact = f"gate/per_class_vs_version_{decision.compared_with}.json"
         mlflow.log_table(decision.comparison.table(), artifact, run_id=run_id)
-    return Registration(name, version, decision.line)
+
+
+def _settle(client: mlflow.MlflowClient, name: str, rule: str, alpha: float, since: int) -> None:
+    """Registrations that finish together race: one may move the alias just after another
+    looked at it. So each, once done, holds the champion against every version registered
+    since the champion it first saw, and hands the alias to one the gate prefers. The last
+    to finish has seen them all: no version of the race beats the champion it leaves."""
+    for _ in range(10):
+        holder = _champion(client, name)
+        if holder is None:
+            return
+        rivals = [
+            str(v.version)
+            for v in client.search_model_versions(f"name = '{name}'")
+            if int(v.version) > since and str(v.version) != str(holder.version)
+        ]
+        champion = _candidate(client, name, str(holder.version))
+        for rival in sorted(rivals, key=int):
+            decision = gate.decide(rule, alpha, _candidate(client, name, rival), champion)
+            if decision.promotes:
+                client.set_registered_model_alias(name, CHAMPION, rival)
+                _record(client, name, rival, decision)
+                break
+        else:
+            return
 
 
 def _candidate(client: mlflow.MlflowClient, name: str, version: str) -> gate.Candidate:
