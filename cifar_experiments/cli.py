@@ -323,9 +323,15 @@ def promote(name: str, version: str) -> None:
 @click.option(
     "--output",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Also write the numbers to compare.json in this folder.",
+    help="Also write the numbers (compare.json) and the images one gets right and the other "
+    "wrong (flipped.png) in this folder.",
 )
-def compare(a: str, b: str, split: str, output: Path | None) -> None:
+@click.option(
+    "--data",
+    type=click.Path(exists=True, path_type=Path),
+    help="Where the runs' data is now, for the pictures: by default where A was trained from.",
+)
+def compare(a: str, b: str, split: str, output: Path | None, data: Path | None) -> None:
     """Compare two models image by image on the images both held out. A and B are each a run
     ID, models:/NAME/VERSION or models:/NAME@ALIAS."""
     import json
@@ -333,10 +339,11 @@ def compare(a: str, b: str, split: str, output: Path | None) -> None:
     from mlflow.exceptions import MlflowException
 
     from . import comparison, registry
-    from .tracking.past_runs import saved_predictions
+    from .tracking.past_runs import data_source, saved_predictions
 
     try:
-        saved = [saved_predictions(registry.run_of(reference), split) for reference in (a, b)]
+        runs = [registry.run_of(reference) for reference in (a, b)]
+        saved = [saved_predictions(run, split) for run in runs]
     except registry.RegistryError as error:
         raise click.ClickException(str(error)) from None
     except MlflowException as error:
@@ -357,6 +364,8 @@ def compare(a: str, b: str, split: str, output: Path | None) -> None:
         output.mkdir(parents=True, exist_ok=True)
         (output / "compare.json").write_text(json.dumps(report.as_json(), indent=2))
         click.echo(f"Written: {output / 'compare.json'}")
+        where = data or data_source(runs[0])
+        click.echo(comparison.write_flips(a, found[0], b, found[1], split, where, output))
 
 
 @cli.command()

@@ -5,9 +5,16 @@ per-class recall side by side, and the images each gets right that the other get
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+from matplotlib import pyplot as plt
+from matplotlib.figure import Figure
+
 from . import statistics
+from .data import DataError, load_dataset
+from .evaluation import image_grid
 from .predictions import Predictions, shared_images
 
 
@@ -120,3 +127,53 @@ def compare(
 
 def _recall(right: Any) -> float:
     return float(right.mean()) if len(right) else float("nan")
+
+
+def flips_figure(
+    a_name: str, a: Predictions, b_name: str, b: Predictions, images: np.ndarray,
+    count: int = 16,
+) -> Figure | None:  # fmt: skip
+    """The images one model gets right and the other wrong (up to `count` of each), each with
+    its true class and what the wrong one said; None when they never disagree so. `images`
+    are the split's images (uint8, N, 3, H, W), indexed by example id."""
+    shared = shared_images(a, b)
+    ours, theirs = a.on(shared), b.on(shared)
+    picked, captions = [], []
+    for winner, loser, mine, other in (("A", "B", ours, theirs), ("B", "A", theirs, ours)):
+        flipped = np.flatnonzero(mine.right & ~other.right)
+        if len(flipped) > count:  # spread over them all: the images come class by class
+            flipped = flipped[np.linspace(0, len(flipped) - 1, count).astype(int)]
+        picked += list(shared[flipped])
+        names = a.classes
+        captions += [
+            f"{names[other.labels[i]]}\n{winner} right, {loser}: {names[other.predicted[i]]}"
+            for i in flipped
+        ]
+    if not picked:
+        return None
+    title = f"Images one gets right and the other wrong: A = {a_name}, B = {b_name}"
+    return image_grid(images[np.array(picked)], captions, title)
+
+
+def write_flips(
+    a_name: str, a: Predictions, b_name: str, b: Predictions, split: str,
+    data: str | Path | None, folder: Path,
+) -> str:  # fmt: skip
+    """Draw the images one model gets right and the other wrong into folder/flipped.png, from
+    the data the runs were trained on; say what was written, or why not."""
+    if data is None or not Path(data).exists():
+        return f"No pictures: the runs' data ({data}) is not here; give --data PATH"
+    try:
+        dataset = load_dataset(data)
+    except DataError as error:
+        return f"No pictures: {error}"
+    pool = dataset.train if split == "val" else dataset.test
+    if dataset.digest != a.data_digest or pool is None:
+        return f"No pictures: {data} is not the data the runs were trained on"
+    figure = flips_figure(a_name, a, b_name, b, pool.images.numpy())
+    if figure is None:
+        return "No pictures: neither gets an image right that the other gets wrong"
+    path = folder / "flipped.png"
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return f"Written: {path}"

@@ -142,25 +142,31 @@ class Evaluation:
         if not len(wrong):
             return None
         shown = wrong[np.argsort(-self.scores[wrong], kind="stable")][:count]
-        columns = 8
-        rows = -(-len(shown) // columns)
-        fig, axes = plt.subplots(
-            rows, columns, figsize=(columns * 1.5, rows * 1.85), squeeze=False, layout="constrained"
-        )
-        for ax in axes.flat:
-            ax.axis("off")
-        for ax, i in zip(axes.flat, shown, strict=False):
-            ax.imshow(images[i].transpose(1, 2, 0), interpolation="nearest")
-            ax.set_title(
-                f"{self.classes[self.labels[i]]}\n-> {self.classes[self.predictions[i]]} "
-                f"{self.scores[i]:.0%}",
-                fontsize=8,
-            )
-        fig.suptitle(
+        captions = [
+            f"{self.classes[self.labels[i]]}\n-> {self.classes[self.predictions[i]]} "
+            f"{self.scores[i]:.0%}"
+            for i in shown
+        ]
+        return image_grid(
+            images[shown], captions,
             f"{title}: the {len(shown)} most confident of {len(wrong)} mistakes "
-            "(true class -> predicted class, score)"
-        )
-        return fig
+            "(true class -> predicted class, score)",
+        )  # fmt: skip
+
+
+def image_grid(images: np.ndarray, captions: list[str], title: str, columns: int = 8) -> Figure:
+    """Images (uint8, N, 3, H, W), each with its caption, in rows of `columns`."""
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(columns * 1.5, rows * 1.85), squeeze=False, layout="constrained"
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption in zip(axes.flat, images, captions, strict=False):
+        ax.imshow(image.transpose(1, 2, 0), interpolation="nearest")
+        ax.set_title(caption, fontsize=8)
+    fig.suptitle(title)
+    return fig
 
 
 def curves_figure(history: list[dict[str, float]]) -> Figure:

@@ -101,3 +101,17 @@ def test_a_reference_to_nothing_is_one_line(reference, message):
     assert result.exit_code == 1 and "Traceback" not in result.output
     last = result.output.strip().splitlines()[-1]  # MLflow may first say it made the store
     assert last.startswith("Error: ") and message in last
+
+
+def test_the_flipped_images_are_drawn_and_their_absence_said(tmp_path):
+    labels = [0, 1, 2, 0, 1, 2]
+    a = predictions([True, True, False, False, True, True], labels)
+    b = predictions([True, False, True, False, True, True], labels)
+    images = np.zeros((len(labels), 3, 32, 32), dtype=np.uint8)
+    figure = comparison.flips_figure("A", a, "B", b, images)
+    titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
+    assert titles == ["dog\nA right, B: frog", "frog\nB right, A: cat"]
+    assert comparison.flips_figure("A", a, "A again", a, images) is None
+    said = comparison.write_flips("A", a, "B", b, "val", tmp_path / "gone", tmp_path)
+    assert said.startswith("No pictures: the runs' data") and "--data" in said
+    assert not (tmp_path / "flipped.png").exists()

@@ -3,6 +3,7 @@ local file is gone, and the predictions it saved for each image of a split."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,3 +66,13 @@ def saved_predictions(run_id: str, split: str) -> Predictions | None:
     with quiet, tempfile.TemporaryDirectory() as tmp:
         saved = Path(client.download_artifacts(run_id, path, tmp))
         return Predictions.from_bytes(saved.read_bytes())
+
+
+def data_source(run_id: str) -> str | None:
+    """Where the run's data was read from (its logged dataset's source), if it logged one."""
+    inputs = mlflow.MlflowClient().get_run(run_id).inputs
+    for dataset_input in inputs.dataset_inputs if inputs else []:
+        source = json.loads(dataset_input.dataset.source or "{}")
+        if "uri" in source:
+            return str(source["uri"]).removeprefix("file://")
+    return None
