@@ -11,6 +11,7 @@ import logging
 import shlex
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ from .tracking import project_run as mlflow_project
 
 if TYPE_CHECKING:
     from .experiment import Prepared
+    from .interrupts import Interrupted, StopRequests
     from .registry import RegistrationFailed
 
 
@@ -116,8 +118,7 @@ def train(project_run: str | None, resume: str | None, **options: Any) -> None:
         except ServerLost as lost:
             raise click.ClickException(say.server_lost(lost, project_run)) from None
         except registry.RegistrationFailed as failure:
-            say.echo_summary(failure.result)
-            _registration_failed(failure, project_run)
+            _registration_failed(failure, project_run, say.echo_summary)
             return
     say.echo_summary(summary)
 
@@ -127,7 +128,7 @@ def _train_repeats(
 ) -> None:
     """Several seeds of one setting, as child runs of one parent (repeats.py)."""
     from . import cli_messages as say
-    from . import interrupts, processes, registry, repeats
+    from . import processes, repeats
 
     if resume is not None:
         raise click.BadParameter("repeats are not resumed; resume a child run on its own",
@@ -135,21 +136,40 @@ def _train_repeats(
     prepared = _prepare(None, options, project_run)  # every check, before the parent exists
     assert prepared is not None, "a new training always has something to do"
     plan = repeats.plan(prepared.config, repeat.repeats, repeat.workers, project_run)
+
+    def stopped(interruption: Interrupted) -> str:
+        return (
+            f"Stopped by {interruption.signal_name}: repeats {plan.name} (parent run "
+            f"{plan.parent_run_id}) stopped; the finished seeds are kept."
+        )
+
+    _carry_out(
+        lambda stop: repeats.run(plan, stop, prepared.dataset), say.echo_repeats, stopped,
+        processes.WorkerFailed, project_run,
+    )  # fmt: skip
+
+
+def _carry_out(
+    work: Callable[[StopRequests], Any], echo: Callable[[Any], None],
+    stopped: Callable[[Interrupted], str], failures: type[Exception], project_run: str | None,
+) -> None:  # fmt: skip
+    """`work(stop)` with Ctrl-C and SIGTERM stopping it cleanly, then `echo` of what it did. A
+    stop is said by `stopped` and exits with the signal's status; `failures` are said in one
+    line; a registration that failed after the work finished is said with its retry."""
+    from . import interrupts, registry
+
     with interrupts.StopRequests().installed() as stop:
         try:
-            outcome = repeats.run(plan, stop, prepared.dataset)
+            outcome = work(stop)
         except interrupts.Interrupted as interruption:
-            stopped = f"repeats {plan.name} (parent run {plan.parent_run_id}) stopped"
-            click.echo(f"Stopped by {interruption.signal_name}: {stopped}; the finished seeds "
-                       "are kept.", err=True)  # fmt: skip
+            click.echo(stopped(interruption), err=True)
             sys.exit(interruption.exit_code)
-        except processes.WorkerFailed as failure:
-            raise click.ClickException(str(failure)) from None
+        except failures as error:
+            raise click.ClickException(str(error)) from None
         except registry.RegistrationFailed as failure:
-            say.echo_repeats(failure.result)
-            _registration_failed(failure, project_run)
+            _registration_failed(failure, project_run, echo)
             return
-    say.echo_repeats(outcome)
+    echo(outcome)
 
 
 def _prepare(
@@ -221,7 +241,6 @@ def sweep(project_run: str | None, **options: Any) -> None:
     every worker after its current step.
     """
     from . import cli_messages as say
-    from . import interrupts, registry
     from .sweep import study, workers
     from .tracking.store import TrackingError
 
@@ -233,27 +252,22 @@ def sweep(project_run: str | None, **options: Any) -> None:
             plan = study.prepare(SweepConfig(**settings), options, fixed, project_run)
     except (TrackingError, study.SweepError) as error:
         raise click.ClickException(str(error)) from None
-    with interrupts.StopRequests().installed() as stop:
-        try:
-            outcome = workers.run(plan, stop)
-        except interrupts.Interrupted as interruption:
-            click.echo(say.sweep_interrupted(interruption, plan, project_run), err=True)
-            sys.exit(interruption.exit_code)
-        except study.SweepError as error:
-            raise click.ClickException(str(error)) from None
-        except registry.RegistrationFailed as failure:
-            say.echo_sweep(failure.result, plan.budget)
-            _registration_failed(failure, project_run)
-            return
-    say.echo_sweep(outcome, plan.budget)
+    _carry_out(
+        lambda stop: workers.run(plan, stop), say.echo_sweep,
+        lambda interruption: say.sweep_interrupted(interruption, plan, project_run),
+        study.SweepError, project_run,
+    )  # fmt: skip
 
 
-def _registration_failed(failure: RegistrationFailed, project_run: str | None) -> None:
-    """The training or sweep finished, but registering its model failed: say so, with the
-    command that retries. `mlflow run` marks its run FAILED whenever we exit non-zero, and
-    the run did finish: there the error is said, not signalled."""
+def _registration_failed(
+    failure: RegistrationFailed, project_run: str | None, echo: Callable[[Any], None]
+) -> None:
+    """The training, repeats or sweep finished (`echo` says how), but registering its model
+    failed: say so, with the command that retries. `mlflow run` marks its run FAILED whenever
+    we exit non-zero, and the run did finish: there the error is said, not signalled."""
     from .cli_messages import registration_failed
 
+    echo(failure.result)
     message = registration_failed(failure)
     if project_run is not None:
         click.echo(f"Error: {message}", err=True)

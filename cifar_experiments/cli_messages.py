@@ -36,7 +36,7 @@ def echo_summary(summary: Summary) -> None:
     )
 
 
-def echo_sweep(outcome: Outcome, budget: int) -> None:
+def echo_sweep(outcome: Outcome) -> None:
     states = ", ".join(f"{count} {state}" for state, count in sorted(outcome.states.items()))
     best = outcome.best
     if best is None:
@@ -51,7 +51,7 @@ def echo_sweep(outcome: Outcome, budget: int) -> None:
         )
     click.echo(
         f"Sweep {outcome.study_name} (parent run {outcome.parent_run_id}): {states} of "
-        f"{budget} trials. {found}. Browse it: {_browse_run(outcome.parent_run_id)}"
+        f"{outcome.budget} trials. {found}. Browse it: {_browse_run(outcome.parent_run_id)}"
     )
     if outcome.registration is not None:
         echo_registration(outcome.registration)

@@ -106,7 +106,7 @@ def test_a_registration_that_fails_after_training_is_one_line_and_register_retri
 
     register_run = registry.register_run
 
-    def server_down(run_id, name):
+    def server_down(run_id, name, rule, alpha):
         raise MlflowException("API request to the registry failed with 503")
 
     monkeypatch.setattr(registry, "register_run", server_down)

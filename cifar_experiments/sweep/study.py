@@ -77,6 +77,7 @@ class Outcome:
     study_name: str
     parent_run_id: str
     states: dict[str, int]  # how many trials ended in each state
+    budget: int  # the trials the study runs in all
     best: FrozenTrial | None
     registration: registry.Registration | None = None  # the best trial's, once registered
 
@@ -265,7 +266,7 @@ def outcome(plan: Plan) -> Outcome:
         else t.state.name.lower()
         for t in trials
     )  # fmt: skip
-    return Outcome(plan.study_name, plan.parent_run_id, dict(states), best(trials))
+    return Outcome(plan.study_name, plan.parent_run_id, dict(states), plan.budget, best(trials))
 
 
 def _settings(base: dict[str, Any], space: search_space.Space) -> dict[str, Any]:
