@@ -59,7 +59,18 @@ def register_run(
         source = f"models:/{logged[0].model_id}"
         version = str(mlflow.register_model(source, name, tags=tags).version)
         client.update_model_version(name, version, description=_description(run, val, test))
+        version = _one_version_of_run(client, name, run_id, version)
     return _through_gate(client, name, version, rule, alpha)
+
+
+def _one_version_of_run(client: mlflow.MlflowClient, name: str, run_id: str, mine: str) -> str:
+    """Machines that finish a sweep together both register its best run, each having found it
+    unregistered: the lowest version stands, and the others are deleted by whoever made them."""
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    first = str(min(int(v.version) for v in versions))
+    if first != mine:
+        client.delete_model_version(name, mine)
+    return first
 
 
 class RegistrationFailed(Exception):
