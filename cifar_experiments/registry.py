@@ -154,8 +154,12 @@ def _settle(client: mlflow.MlflowClient, name: str, rule: str, alpha: float, sin
         rivals = [
             str(v.version)
             for v in client.search_model_versions(f"name = '{name}'")
-            if int(v.version) > since and str(v.version) != str(holder.version)
+            if int(v.version) > since
+            and str(v.version) != str(holder.version)
+            and not _refused_by(v, str(holder.version))
         ]
+        if not rivals:
+            return
         champion = _candidate(client, name, str(holder.version))
         for rival in sorted(rivals, key=int):
             decision = gate.decide(rule, alpha, _candidate(client, name, rival), champion)
@@ -165,6 +169,15 @@ def _settle(client: mlflow.MlflowClient, name: str, rule: str, alpha: float, sin
                 break
         else:
             return
+
+
+def _refused_by(version: ModelVersion, champion: str) -> bool:
+    """Whether the gate already kept `champion` against `version`: asked again, it would say
+    the same (a version that beat it, and lost the alias in a race, is asked again)."""
+    tags = version.tags
+    return tags.get(gate.COMPARED_WITH_TAG) == champion and tags.get(gate.VERDICT_TAG) in (
+        "kept", "not_comparable",
+    )  # fmt: skip
 
 
 def _candidate(client: mlflow.MlflowClient, name: str, version: str) -> gate.Candidate:
