@@ -143,7 +143,7 @@ def mlflow_run(folder: str, store: str, epochs: int) -> tuple[float, float]:
     subprocess.run(command, env=env, check=True, capture_output=True)
     seconds = time.perf_counter() - started
     runs = mlflow.search_runs(experiment_names=["speed-mlflow-run"])
-    return seconds, float(runs["metrics.test/accuracy"].iloc[0])
+    return seconds, float(runs["metrics.test_accuracy"].iloc[0])
 
 
 def machine() -> str:

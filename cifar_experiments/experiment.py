@@ -24,7 +24,7 @@ from .evaluation import Evaluation, curves_figure
 from .interrupts import Interrupted, StopRequests
 from .predictions import Predictions
 from .tracking import lifecycle, past_runs, store
-from .tracking.keys import BEST_VAL_METRIC
+from .tracking.keys import BEST_VAL_METRIC, TEST_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +216,8 @@ def _record_results(
         # What the network scores alone, as the tutorial's test loop would score it.
         single_view = state.evaluate(dataset.test, tta=False).accuracy
         tracker.log_metrics(
-            {**{f"test/{k}": v for k, v in test.metrics().items()},
-             "test/accuracy_without_tta": single_view},
+            {**{f"{TEST_PREFIX}{k}": v for k, v in test.metrics().items()},
+             f"{TEST_PREFIX}accuracy_without_tta": single_view},
             step=fit.kept_epoch,
         )  # fmt: skip
         tracker.log_evaluation("test", test, dataset.test)

@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 
 from . import gate
 from .config import CHAMPION_ALIAS as CHAMPION
-from .tracking.keys import BEST_VAL_METRIC
+from .tracking.keys import BEST_VAL_METRIC, TEST_ACCURACY_METRIC
 from .tracking.past_runs import saved_predictions
 
 
@@ -46,7 +46,7 @@ def register_run(
     if not logged:
         raise RegistryError(f"run {run_id} logged no model")
     val = run.data.metrics[BEST_VAL_METRIC]
-    test = run.data.metrics.get("test/accuracy")
+    test = run.data.metrics.get(TEST_ACCURACY_METRIC)
     version = _version_of_run(client, name, run_id)
     if version is None:
         tags = {

@@ -25,7 +25,7 @@ from .config import TrainConfig
 from .evaluation import seeds_figure
 from .interrupts import StopRequests
 from .tracking import lifecycle, store
-from .tracking.keys import BEST_VAL_METRIC, PARENT_TAG
+from .tracking.keys import BEST_VAL_METRIC, PARENT_TAG, TEST_ACCURACY_METRIC
 
 SEED_TAG = "repeats.seed"
 
@@ -118,7 +118,10 @@ def _summarize(plan: Plan) -> Outcome:
         "attributes.status = 'FINISHED'",
     )
     summary: dict[str, float] = {}
-    for name, metric in (("val_accuracy", BEST_VAL_METRIC), ("test_accuracy", "test/accuracy")):
+    for name, metric in (
+        ("val_accuracy", BEST_VAL_METRIC),
+        ("test_accuracy", TEST_ACCURACY_METRIC),
+    ):
         values = [run.data.metrics[metric] for run in children if metric in run.data.metrics]
         if not values:
             continue

@@ -76,9 +76,9 @@ def test_metric_histories_have_steps(finished_run):
     for name in ("train/epoch_loss", "train/accuracy", "val/loss", "val/accuracy", "train/lr",
                  "train/epoch_seconds", "train/images_per_second", "val/accuracy_cat"):  # fmt: skip
         assert [s for s, _ in history(name)] == [1, 2], name
-    for name in ("test/loss", "test/accuracy", "test/precision_macro", "test/recall_macro",
-                 "test/f1_macro", "test/accuracy_without_tta",
-                 *(f"test/accuracy_{c}" for c in CLASSES)):  # fmt: skip
+    for name in ("test_loss", "test_accuracy", "test_precision_macro", "test_recall_macro",
+                 "test_f1_macro", "test_accuracy_without_tta",
+                 *(f"test_accuracy_{c}" for c in CLASSES)):  # fmt: skip
         assert len(history(name)) == 1, name
 
 
@@ -170,7 +170,7 @@ def test_the_tutorials_own_code_scores_the_weights_file_as_the_run_does(
     )  # fmt: skip
     assert theirs == evaluation.predictions.tolist()
     run = mlflow.get_run(run_id)
-    assert run.data.metrics["test/accuracy_without_tta"] == evaluation.accuracy
+    assert run.data.metrics["test_accuracy_without_tta"] == evaluation.accuracy
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ def test_a_run_records_through_its_tracker_only(image_folder):
     assert mlflow.search_runs(search_all_experiments=True).empty
     assert summary.run_id is None and summary.kept_epoch in (1, 2)
     assert tracker.points["val/best_accuracy"] == [(summary.kept_epoch, summary.val_accuracy)]
-    assert [s for s, _ in tracker.points["test/accuracy"]] == [summary.kept_epoch]
+    assert [s for s, _ in tracker.points["test_accuracy"]] == [summary.kept_epoch]
     assert tracker.params["compute_device"] == "cpu" and tracker.params["train_size"] == 27
     assert tracker.params["speedups"] == "channels_last,pairwise_max_pool,reuse_freed_memory"
     assert tracker.settings["classes"] == ["cat", "dog", "frog"]

@@ -67,7 +67,7 @@ def test_a_run_saves_its_answer_for_every_held_out_image(in_finished_store, imag
     dataset = data.load_dataset(str(image_folder))
     for split, images, metric in (
         ("val", len(CLASSES), "val/best_accuracy"),  # a tenth of ten images of each class
-        ("test", len(CLASSES) * TEST_PER_CLASS, "test/accuracy"),
+        ("test", len(CLASSES) * TEST_PER_CLASS, "test_accuracy"),
     ):
         path = mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path=f"evaluation/{split}/predictions.npz"

@@ -114,7 +114,7 @@ def test_mlflow_run_trains_into_the_run_it_made(image_folder, tracking_store, tm
     assert run.data.params["augment"] == "false"
     assert (run.data.params["device"], run.data.params["compute_device"]) == ("auto", "cpu")
     assert run.data.params["parameter_count"] == str(62006 - 7 * 85)
-    assert "test/accuracy" in run.data.metrics
+    assert "test_accuracy" in run.data.metrics
     placeholders = {k: v for k, v in run.data.params.items() if v in ("", "''", '""')}
     assert not placeholders
     assert "experiment_name" not in run.data.params  # the run is in "project", not "cifar10"

@@ -62,7 +62,7 @@ def test_champion_follows_the_better_validation_accuracy_and_stays_after_a_worse
             run.data.metrics["val/best_accuracy"]
         )
         assert float(version.tags["test_accuracy"]) == pytest.approx(
-            run.data.metrics["test/accuracy"]
+            run.data.metrics["test_accuracy"]
         )
         assert "Validation accuracy" in version.description
 

@@ -40,7 +40,7 @@ def test_three_seeds_are_children_of_one_parent_that_sums_them_up(image_folder):
     assert metrics["repeats/val_accuracy_std"] == pytest.approx(statistics.stdev(vals))
     low, high = metrics["repeats/val_accuracy_ci_low"], metrics["repeats/val_accuracy_ci_high"]
     assert low <= metrics["repeats/val_accuracy_mean"] <= high
-    tests = [run.data.metrics["test/accuracy"] for run in children]
+    tests = [run.data.metrics["test_accuracy"] for run in children]
     assert metrics["repeats/test_accuracy_mean"] == pytest.approx(statistics.fmean(tests))
     artifacts = [
         f.path for f in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "repeats")

@@ -97,8 +97,8 @@ def main(run_id: str, folder: str) -> None:
     print(
         f"The tutorial's test loop on run {run_id}'s cifar_net.pth: "
         f"{correct}/{len(labels)} = {correct / len(labels):.2%}; the run's test accuracy: "
-        f"{metrics['test/accuracy_without_tta']:.2%} without test-time augmentation, "
-        f"{metrics['test/accuracy']:.2%} with it"
+        f"{metrics['test_accuracy_without_tta']:.2%} without test-time augmentation, "
+        f"{metrics['test_accuracy']:.2%} with it"
     )
 
 

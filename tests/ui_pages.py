@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import tempfile
 import time
@@ -100,6 +101,12 @@ def run_pages(experiment_id: str, run_id: str, run_name: str) -> list[Page]:
     return [
         Page("experiment", f"#/experiments/{experiment_id}{TRAINING_VIEW}", (run_name, "Runs")),
         Page("run", f"{run}{TRAINING_VIEW}", (run_name, "Overview", "Model metrics", "lr")),
+        Page(
+            "model-metrics",
+            f"{run}/model-metrics{TRAINING_VIEW}",
+            ("Model metrics",),
+            _curves_first,
+        ),
         charts("training-charts", "train/", "train/loss"),
         charts("accuracy-charts", "val/accuracy", "val/accuracy"),
         Page(
@@ -115,6 +122,18 @@ def _charts_with_lines(driver: WebDriver) -> int:
     """Plotly charts on the page that have drawn a line."""
     charts = driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")
     return sum(bool(c.find_elements(By.CSS_SELECTOR, "path.js-line")) for c in charts)
+
+
+def _curves_first(driver: WebDriver) -> bool:
+    """The Model metrics tab as it opens: the training and validation curves come first, and
+    are drawn, before any chart of one point."""
+    return _sections(driver)[:2] == ["train", "val"] and _charts_with_lines(driver) >= 1
+
+
+def _sections(driver: WebDriver) -> list[str]:
+    """The metric chart groups the page lists, in its order: "train (6)" reads "train"."""
+    body = driver.find_element(By.TAG_NAME, "body").text
+    return re.findall(r"^(\S+)\s+\(\d+\)\s*$", body, flags=re.MULTILINE)
 
 
 def _largest_image_width(driver: WebDriver) -> int:

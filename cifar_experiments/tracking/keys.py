@@ -2,6 +2,11 @@
 
 # The run-level figure that model selection reads: validation accuracy of the kept epoch.
 BEST_VAL_METRIC = "val/best_accuracy"
+# The test split's scores, once, after training. Not `test/...`: the UI groups a run's charts
+# by what comes before the slash and shows the groups alphabetically, so a `test` group of
+# one-point charts would come before the `train` and `val` curves; these go last instead.
+TEST_PREFIX = "test_"
+TEST_ACCURACY_METRIC = "test_accuracy"
 # Why a run failed or was stopped, in a line.
 ERROR_TAG = "error"
 # Where the run keeps its training state on this machine, and who is running it.
