@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import click
 
 from .config import CHAMPION_ALIAS
+from .statistics import percent
 from .tracking import links
 
 if TYPE_CHECKING:
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from .interrupts import Interrupted
     from .registry import Registration, RegistrationFailed
     from .repeats import Outcome as RepeatOutcome
+    from .sweep.confirm import Verdict
     from .sweep.study import Outcome, Plan
     from .tracking.outage import ServerLost
 
@@ -53,8 +55,28 @@ def echo_sweep(outcome: Outcome) -> None:
         f"Sweep {outcome.study_name} (parent run {outcome.parent_run_id}): {states} of "
         f"{outcome.budget} trials. {found}. Browse it: {_browse_run(outcome.parent_run_id)}"
     )
+    if outcome.verdict is not None:
+        click.echo(verdict_line(outcome.verdict))
     if outcome.registration is not None:
         echo_registration(outcome.registration)
+
+
+def verdict_line(verdict: Verdict) -> str:
+    winner, runner_up = verdict.standings[0], verdict.standings[1]
+    evidence = (
+        f"{percent(winner.mean)} against trial {runner_up.trial}'s {percent(runner_up.mean)} on "
+        f"average over {len(winner.run_ids)} new seed(s), on {verdict.images:,} shared "
+        f"validation images, p = {verdict.p_values[0]:.2g}"
+    )
+    if len(verdict.tied) == 1:
+        found = f"trial {winner.trial} wins with {evidence}"
+    else:
+        tied = " and ".join(", ".join(map(str, verdict.tied)).rsplit(", ", 1))
+        found = (
+            f"a tie, trials {tied} cannot be told apart ({evidence}); trial {winner.trial}, "
+            "the better on average, goes on"
+        )
+    return f"Confirmed: {found}. Its best run: {verdict.best_run_id}."
 
 
 def echo_repeats(outcome: RepeatOutcome) -> None:

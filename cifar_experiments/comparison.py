@@ -16,6 +16,7 @@ from . import statistics
 from .data import DataError, load_dataset
 from .evaluation import image_grid
 from .predictions import Predictions, shared_images
+from .statistics import percent
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class Report:
             (self.b, self.accuracy_b, self.interval_b),
         ):
             lines.append(
-                f"  {name:<{width}}  {_percent(accuracy)} (95 % interval {_points(bounds)})"
+                f"  {name:<{width}}  {percent(accuracy)} (95 % interval {_points(bounds)})"
             )
         lines += [
             f"A - B: {100 * self.difference:+.2f} points (95 % interval "
@@ -73,15 +74,11 @@ class Report:
         for change in self.classes:
             mark = "  *" if change.significant else ""
             lines.append(
-                f"  {change.name:<{width}}  {_percent(change.recall_a):>8}  "
-                f"{_percent(change.recall_b):>8}  {change.p_adjusted:.2g}{mark}"
+                f"  {change.name:<{width}}  {percent(change.recall_a):>8}  "
+                f"{percent(change.recall_b):>8}  {change.p_adjusted:.2g}{mark}"
             )
         lines.append(f"* recall differs at the {self.alpha:g} level, Holm-corrected over classes")
         return "\n".join(lines)
-
-
-def _percent(value: float) -> str:
-    return f"{100 * value:.2f} %"
 
 
 def _points(bounds: tuple[float, float], signed: bool = False) -> str:

@@ -185,6 +185,8 @@ def _filled(text: str) -> bool:
 _BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trials": (lambda v: v >= 1, "must be at least 1"),
     "repeats": (lambda v: v >= 1, "must be at least 1"),
+    "confirm_top": (lambda v: v == 0 or v >= 2, "must be 0 (no confirmation) or at least 2"),
+    "confirm_seeds": (lambda v: v >= 1, "must be at least 1"),
     "workers": (lambda v: v >= 1, "must be at least 1"),
     "timeout": (lambda v: v > 0, "must be positive"),
     "study": (_filled, "must not be empty"),
@@ -249,6 +251,17 @@ class SweepConfig:
         "optuna.db beside the tracking store.",
         None,
         metavar="URL",
+    )
+    confirm_top: int = option(
+        "After the search, train the settings of this many best trials again with new seeds, "
+        "and decide the winner on their mean, tested against the runner-up on the same "
+        "validation images; 0: take the best trial as it is.",
+        2,
+    )
+    confirm_seeds: int = option(
+        "New seeds each confirmed setting trains with (--confirm-top times this many "
+        "trainings in all).",
+        2,
     )
 
     def __post_init__(self) -> None:

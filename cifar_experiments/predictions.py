@@ -11,6 +11,7 @@ image by image (gate.py, `compare`). One compact file per split, `predictions.np
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 from dataclasses import dataclass
@@ -89,8 +90,9 @@ class Predictions:
         )  # fmt: skip
 
 
-def shared_images(a: Predictions, b: Predictions) -> np.ndarray:
-    """The images both predicted for, sorted; none unless they are of the same data."""
-    if a.data_digest != b.data_digest or a.classes != b.classes:
+def shared_images(first: Predictions, *others: Predictions) -> np.ndarray:
+    """The images all of them predicted for, sorted; none unless they are of the same data."""
+    if any(o.data_digest != first.data_digest or o.classes != first.classes for o in others):
         return np.array([], dtype=np.int64)
-    return np.intersect1d(a.example_ids, b.example_ids)
+    return functools.reduce(np.intersect1d, (o.example_ids for o in others),
+                            np.unique(first.example_ids))  # fmt: skip

@@ -68,6 +68,31 @@ def mcnemar_two_sided(only_a: int, only_b: int) -> float:
     return float(stats.binomtest(only_a, discordant, 0.5).pvalue)
 
 
+@dataclass(frozen=True)
+class OverSeeds:
+    """Two settings, each trained with several seeds, on the same images: per image, the share
+    of each setting's seeds that got it right. An image tells them apart when one setting's
+    seeds get it right more often than the other's (with one seed each: McNemar's discordant
+    images)."""
+
+    a_right: np.ndarray  # bool, seeds x images
+    b_right: np.ndarray
+
+    @property
+    def only_a(self) -> int:
+        """Images A's seeds get right more often than B's."""
+        return int((self.a_right.mean(axis=0) > self.b_right.mean(axis=0)).sum())
+
+    @property
+    def only_b(self) -> int:
+        return int((self.a_right.mean(axis=0) < self.b_right.mean(axis=0)).sum())
+
+    def p_value(self) -> float:
+        """Two-sided exact sign test on the images that tell them apart: is either setting
+        ahead on more of them than a fair coin would give?"""
+        return mcnemar_two_sided(self.only_a, self.only_b)
+
+
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm's step-down adjustment for testing several hypotheses at once: compare each
     adjusted p-value with the level meant for one. Returned in the order given."""
@@ -109,6 +134,11 @@ def paired_difference_interval(
                           + (p_b - low_b) ** 2))  # fmt: skip
     difference = p_a - p_b
     return difference, max(-1.0, difference - below), min(1.0, difference + above)
+
+
+def percent(share: float) -> str:
+    """An accuracy as the reports write it: 61.23 %."""
+    return f"{100 * share:.2f} %"
 
 
 def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:

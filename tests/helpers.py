@@ -8,13 +8,14 @@ import base64
 import contextlib
 import io
 import json
+import math
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import mlflow
@@ -25,6 +26,7 @@ import torch
 from PIL import Image
 
 from cifar_experiments import callbacks, data
+from cifar_experiments.predictions import Predictions
 
 CLASSES = ("cat", "dog", "frog")
 TRAIN_PER_CLASS = 10
@@ -178,6 +180,24 @@ def b64(content: bytes) -> str:
 
 IMAGES = synthetic_images(2, 0, 7)
 PNG, JPEG = encode(IMAGES[0], "PNG"), encode(IMAGES[1], "JPEG")
+
+
+def binomial_tail(successes: int, trials: int) -> float:
+    """P(X >= successes) for X ~ Binomial(trials, 1/2), summed term by term (not scipy's)."""
+    return sum(math.comb(trials, k) for k in range(successes, trials + 1)) / 2**trials
+
+
+def hand_made_predictions(
+    right: Sequence[bool], labels: Sequence[int], ids: Sequence[int] | None = None,
+    digest: str = "data",
+) -> Predictions:  # fmt: skip
+    """Predictions of CLASSES, right exactly where `right` says (a wrong answer names the
+    next class), for the images `ids` (default 0, 1, 2, ...) of the data `digest`."""
+    truth = np.array(labels, dtype=np.int16)
+    answered = np.where(right, truth, (truth + 1) % len(CLASSES)).astype(np.int16)
+    ids_given = np.arange(len(truth)) if ids is None else np.asarray(ids, dtype=np.int64)
+    p_true = np.where(right, 0.9, 0.1).astype(np.float32)
+    return Predictions(CLASSES, ids_given, truth, answered, p_true, digest, "split")
 
 
 def assert_labels(answer: dict, count: int) -> None:

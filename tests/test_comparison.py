@@ -3,30 +3,18 @@
 from __future__ import annotations
 
 import json
-import math
 
 import mlflow
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import CLASSES, TINY
+from helpers import TINY, binomial_tail
+from helpers import hand_made_predictions as predictions
 
 from cifar_experiments import comparison
 from cifar_experiments.cli import cli
-from cifar_experiments.predictions import Predictions
 
 NAME = "gated"
-
-
-def binomial_tail(successes: int, trials: int) -> float:
-    return sum(math.comb(trials, k) for k in range(successes, trials + 1)) / 2**trials
-
-
-def predictions(right: list[bool], labels: list[int]) -> Predictions:
-    truth = np.array(labels, dtype=np.int16)
-    answered = np.where(right, truth, (truth + 1) % 3).astype(np.int16)
-    ids = np.arange(len(truth))
-    return Predictions(CLASSES, ids, truth, answered, np.full(len(truth), 0.5), "data", "split")
 
 
 def test_a_report_gives_each_accuracy_the_difference_and_the_classes():

@@ -3,19 +3,11 @@ worse, versions that cannot be compared, the first version, and the other rules.
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import pytest
+from helpers import CLASSES, binomial_tail, hand_made_predictions
 
 from cifar_experiments import gate
 from cifar_experiments.predictions import Predictions
-
-CLASSES = ("cat", "dog", "frog")
-
-
-def binomial_tail(successes: int, trials: int) -> float:
-    return sum(math.comb(trials, k) for k in range(successes, trials + 1)) / 2**trials
 
 
 def pair(
@@ -31,11 +23,8 @@ def pair(
         champion_right += [False] * neither
 
     def predictions(right: list[bool]) -> Predictions:
-        truth = np.array(labels, dtype=np.int16)
-        answered = np.where(right, truth, (truth + 1) % len(CLASSES)).astype(np.int16)
-        ids = np.arange(len(truth)) * 3  # ids need not be 0..n-1
-        p_true = np.where(right, 0.9, 0.1).astype(np.float32)
-        return Predictions(CLASSES, ids, truth, answered, p_true, digest, "split")
+        ids = [3 * image for image in range(len(labels))]  # ids need not be 0..n-1
+        return hand_made_predictions(right, labels, ids, digest)
 
     return predictions(candidate_right), predictions(champion_right)
 

@@ -21,7 +21,7 @@ from cifar_experiments import engine, search_space
 from cifar_experiments.cli import cli
 from cifar_experiments.config import SweepConfig, TrainConfig
 from cifar_experiments.interrupts import StopRequests
-from cifar_experiments.sweep import parent_run, workers
+from cifar_experiments.sweep import confirm, parent_run, workers
 from cifar_experiments.sweep import study as sweep_study
 
 
@@ -29,13 +29,19 @@ def run_sweep(*args: str):
     return CliRunner().invoke(cli, ["sweep", *args], catch_exceptions=False)
 
 
-def children(parent_run_id: str) -> list[mlflow.entities.Run]:
-    runs = mlflow.search_runs(
+def all_children(parent_run_id: str) -> list[mlflow.entities.Run]:
+    """The sweep's trials and its confirmation's runs."""
+    return mlflow.search_runs(
         search_all_experiments=True,
         filter_string=f"tags.`{parent_run.PARENT_TAG}` = '{parent_run_id}'",
         output_format="list",
     )
-    return sorted(runs, key=lambda run: int(run.data.tags[parent_run.TRIAL_TAG]))
+
+
+def children(parent_run_id: str) -> list[mlflow.entities.Run]:
+    """The sweep's trials, in order."""
+    trials = [r for r in all_children(parent_run_id) if parent_run.TRIAL_TAG in r.data.tags]
+    return sorted(trials, key=lambda run: int(run.data.tags[parent_run.TRIAL_TAG]))
 
 
 def only_parent() -> mlflow.entities.Run:
@@ -47,7 +53,8 @@ def only_parent() -> mlflow.entities.Run:
 def test_a_sweep_nests_its_trials_and_registers_only_the_best(image_folder, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("lr: {low: 0.001, high: 0.3, log: true}\nmomentum: [0.8, 0.9]\n")
-    result = run_sweep("--trials", "3", "--space", str(space), "--data", str(image_folder), *TINY)
+    result = run_sweep("--trials", "3", "--space", str(space), "--data", str(image_folder),
+                       "--confirm-top", "0", *TINY)  # fmt: skip
     assert result.exit_code == 0, result.output
 
     parent = only_parent()
@@ -95,7 +102,9 @@ def test_a_pruned_trial_stops_early_and_finishes_tagged_pruned(image_folder, mon
     monkeypatch.setattr(sweep_study, "STARTUP_TRIALS", 1)
     space = search_space.parse({"lr": {"low": 1e-7, "high": 0.5, "log": True}}, "test")
     base = TrainConfig(epochs=4, batch_size=8, data=str(image_folder), augment=False)
-    plan = sweep_study.plan(SweepConfig(trials=3, sampler="random"), vars(base).copy(), space)
+    plan = sweep_study.plan(
+        SweepConfig(trials=3, sampler="random", confirm_top=0), vars(base).copy(), space
+    )
     study = optuna.load_study(study_name=plan.study_name, storage=plan.storage)
     study.enqueue_trial({"lr": 0.1})  # after the recipe's own lr, another that learns
     study.enqueue_trial({"lr": 1e-7})  # and one that cannot
@@ -212,24 +221,31 @@ def sweep_command(folder, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 def test_two_workers_share_one_study_and_the_cores(image_folder, tracking_store, tmp_path):
-    done = subprocess.run(
-        sweep_command(image_folder, "--trials", "4", "--workers", "2", "--epochs", "2"),
-        env=local_env(MLFLOW_TRACKING_URI=tracking_store),
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    command = sweep_command(
+        image_folder, "--trials", "4", "--workers", "2", "--epochs", "2", "--confirm-seeds", "1"
+    )
+    env = local_env(MLFLOW_TRACKING_URI=tracking_store)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     trials = children(only_parent().info.run_id)
     assert sorted(run.data.tags[parent_run.TRIAL_TAG] for run in trials) == ["0", "1", "2", "3"]
     processes = {run.data.tags["process"] for run in trials}
     assert len(processes) == 2, "two worker processes shared the trials"
     assert "[worker 0]" in done.stderr and "[worker 1]" in done.stderr
-    assert len(mlflow.MlflowClient().search_model_versions("name = 'cifar10-classifier'")) == 1
+    confirming = [
+        r for r in all_children(only_parent().info.run_id) if confirm.CONFIRM_TAG in r.data.tags
+    ]
+    assert len(confirming) == 2 and len({r.data.tags["process"] for r in confirming}) == 2
+    (version,) = mlflow.MlflowClient().search_model_versions("name = 'cifar10-classifier'")
+    assert version.run_id == only_parent().data.tags["sweep.winner_run_id"]
 
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_sweep_and_the_same_command_continues_it(tmp_path, tracking_store):
     folder = write_image_folder(tmp_path / "images", {"train": 40})
-    command = sweep_command(folder, "--trials", "3", "--epochs", "4", "--pruner", "none")
+    command = sweep_command(
+        folder, "--trials", "3", "--epochs", "4", "--pruner", "none", "--confirm-top", "0"
+    )
     env = local_env(MLFLOW_TRACKING_URI=tracking_store)
     log = tmp_path / "first.log"
     with log.open("w") as output:
@@ -265,7 +281,8 @@ def test_mlflow_run_sweep_nests_trials_under_the_run_it_made(
 ):
     command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "sweep",
                "--env-manager", "local", "--experiment-name", "sweeps", "-P", "trials=2",
-               "-P", "epochs=1", "-P", "batch_size=8", "-P", f"data={image_folder}"]  # fmt: skip
+               "-P", "epochs=1", "-P", "batch_size=8", "-P", f"data={image_folder}",
+               "-P", "confirm_top=0"]  # fmt: skip
     done = subprocess.run(command, env=local_env(MLFLOW_TRACKING_URI=tracking_store),
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial
 
 from ..config import SweepConfig
 from ..search_space import Space
-from ..tracking.keys import PARENT_TAG
+from ..tracking.keys import PARENT_TAG as PARENT_TAG  # the children's, for callers
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +123,11 @@ def tag_state(run_id: str | None, state: str) -> None:
         mlflow.MlflowClient().set_tag(run_id, STATE_TAG, state)
 
 
-def run_of_trial(experiment_name: str, parent: str, number: int) -> str | None:
-    """The child run of trial `number`, if it got as far as starting one."""
+def child_run(experiment_name: str, tags: dict[str, str]) -> str | None:
+    """The child run tagged with all of `tags` (the parent's, and a trial's or a job's), if
+    it got as far as starting. The values are run ids and numbers, never a name given."""
+    wanted = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
     runs = mlflow.search_runs(
-        experiment_names=[experiment_name],
-        filter_string=f"tags.`{PARENT_TAG}` = '{parent}' and tags.`{TRIAL_TAG}` = '{number}'",
-        output_format="list",
+        experiment_names=[experiment_name], filter_string=wanted, output_format="list"
     )
     return runs[0].info.run_id if runs else None

@@ -18,7 +18,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import optuna
@@ -31,6 +31,9 @@ from ..config import SweepConfig, TrainConfig, changes_training, flag
 from ..recipes import ONE_CYCLE_WARMUP
 from ..tracking import lifecycle, store
 from . import parent_run
+
+if TYPE_CHECKING:
+    from .confirm import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +82,17 @@ class Outcome:
     states: dict[str, int]  # how many trials ended in each state
     budget: int  # the trials the study runs in all
     best: FrozenTrial | None
-    registration: registry.Registration | None = None  # the best trial's, once registered
+    verdict: Verdict | None = None  # the confirmation's, when the best trials were confirmed
+    registration: registry.Registration | None = None  # the winner's, once registered
 
     @property
     def best_run_id(self) -> str | None:
         return self.best.user_attrs.get(parent_run.RUN_ATTR) if self.best is not None else None
+
+    @property
+    def chosen_run_id(self) -> str | None:
+        """The run to register: the confirmed winner's best, else the best trial's."""
+        return self.verdict.best_run_id if self.verdict is not None else self.best_run_id
 
 
 def prepare(
@@ -231,6 +240,14 @@ def counts(trial: FrozenTrial) -> bool:
     if trial.state == TrialState.FAIL:
         return FAILURE_ATTR in trial.user_attrs
     return trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def fail_stale(optuna_study: optuna.Study) -> None:
+    """Fail the trials of workers killed outright (they stopped beating), so that they neither
+    hold a place in the budget nor keep others waiting."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(optuna_study)
 
 
 def open_slots(study: optuna.Study, budget: int) -> int:

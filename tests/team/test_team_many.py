@@ -13,7 +13,7 @@ from helpers import assert_every_point_once
 from team_services import DB_PASSWORD, LIMIT, logged_in, start
 
 from cifar_experiments import gate
-from cifar_experiments.sweep import parent_run
+from cifar_experiments.sweep import confirm, parent_run
 from cifar_experiments.sweep import study as sweep_study
 from cifar_experiments.tracking.past_runs import saved_predictions
 
@@ -39,7 +39,8 @@ def test_two_machines_sweep_one_study_with_no_trial_run_twice(
     storage = postgres.url("optuna")
     args = ["sweep", "--data", str(image_folder), "--trials", "6", "--epochs", "2",
             "--batch-size", "8", "--storage", storage, "--study", "team-study",
-            "--experiment-name", "team-sweep"]  # fmt: skip
+            "--experiment-name", "team-sweep", "--confirm-top", "2",
+            "--confirm-seeds", "1"]  # fmt: skip
     machines = [tmp_path_factory.mktemp(f"sweeper-{name}") for name in "ab"]
     outputs = finished([start(env, machine, *args) for machine in machines])
     assert not [output for output in outputs if DB_PASSWORD in output], "storage shown masked"
@@ -53,16 +54,40 @@ def test_two_machines_sweep_one_study_with_no_trial_run_twice(
         runs = client.search_runs([experiment.experiment_id])
         registered = client.search_model_versions("name = 'cifar10-classifier'")
     parents = [run for run in runs if parent_run.PARENT_TAG not in run.data.tags]
-    children = [run for run in runs if parent_run.PARENT_TAG in run.data.tags]
+    children = [run for run in runs if parent_run.TRIAL_TAG in run.data.tags]
+    confirming = [run for run in runs if confirm.CONFIRM_TAG in run.data.tags]
     assert len(parents) == 1, "one parent run for the study"
-    assert {run.data.tags[parent_run.PARENT_TAG] for run in children} == {parents[0].info.run_id}
+    assert {run.data.tags[parent_run.PARENT_TAG] for run in children + confirming} == {
+        parents[0].info.run_id
+    }
     numbers = sorted(int(run.data.tags[parent_run.TRIAL_TAG]) for run in children)
     assert numbers == list(range(6)), "each trial once, as one run"
     ran = [trial for trial in trials if not trial.user_attrs.get(sweep_study.SURPLUS_ATTR)]
     assert sorted(trial.number for trial in ran) == numbers
     assert len({run.data.tags["process"] for run in children}) == 2, "both machines took trials"
-    best_run = parents[0].data.tags["best_run_id"]
-    assert [version.run_id for version in registered].count(best_run) == 1, "registered once"
+
+    # The two best trials confirmed once each, by whichever machine took the job first.
+    assert len(runs) == 1 + 6 + 2
+    assert sorted(run.data.tags[confirm.CONFIRM_TAG] for run in confirming) == sorted(
+        run.data.tags[parent_run.TRIAL_TAG] for run in top_two(children)
+    )
+    assert {run.info.status for run in confirming} == {"FINISHED"}
+    tags = parents[0].data.tags
+    verdict_lines = [line for output in outputs for line in output.splitlines()
+                     if line.startswith("Confirmed: ")]  # fmt: skip
+    assert len(verdict_lines) == 2 and len(set(verdict_lines)) == 1, "both machines agree"
+    assert f"Its best run: {tags['sweep.winner_run_id']}." in verdict_lines[0]
+    winner = tags["sweep.winner_run_id"]
+    assert [version.run_id for version in registered].count(winner) == 1, "registered once"
+
+
+def top_two(trials: list[mlflow.entities.Run]) -> list[mlflow.entities.Run]:
+    """The two best trials by validation accuracy, the lower trial number first among equals."""
+    return sorted(
+        trials,
+        key=lambda run: (-run.data.metrics["val/best_accuracy"],
+                         int(run.data.tags[parent_run.TRIAL_TAG])),
+    )[:2]  # fmt: skip
 
 
 def test_eight_trainings_at_once_finish_whole_and_champion_ends_on_one_none_beats(
