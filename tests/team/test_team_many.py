@@ -45,8 +45,8 @@ def test_two_machines_sweep_one_study_with_no_trial_run_twice(
     outputs = finished([start(env, machine, *args) for machine in machines])
     assert not [output for output in outputs if DB_PASSWORD in output], "storage shown masked"
 
-    (study,) = optuna.get_all_study_summaries(storage)
-    assert study.study_name == "team-study"
+    studies = sorted(study.study_name for study in optuna.get_all_study_summaries(storage))
+    assert studies == ["team-study", "team-study:confirm"], "the search, and its confirmation"
     trials = optuna.load_study(study_name="team-study", storage=storage).get_trials()
     with logged_in("alice", users["alice"]):
         client = mlflow.MlflowClient(tracking_server.url)
