@@ -1,13 +1,18 @@
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import CLASSES, TEST_PER_CLASS, TRAIN_PER_CLASS, encode, synthetic_images
+from click.testing import CliRunner
+from helpers import CLASSES, TEST_PER_CLASS, TINY, TRAIN_PER_CLASS, encode, synthetic_images
 
 from cifar_experiments import data
+from cifar_experiments.cli import cli
 
 
 def test_torchvision_imports_with_the_installed_torch():
@@ -53,6 +58,53 @@ def test_truncated_cifar_batch_is_a_clear_error(cifar_python_folder, tmp_path):
     (broken / "data_batch_2").write_bytes(pickle.dumps({b"data": b"x"})[:10])
     with pytest.raises(data.DataError, match="data_batch_2"):
         data.load_dataset(tmp_path)
+
+
+def copy_of_cifar_folder(source: Path, destination: Path) -> Path:
+    """A copy of the fixture's cifar-10-batches-py/ under `destination`, to spoil one file of."""
+    folder = destination / data.CIFAR10_FOLDER
+    shutil.copytree(source / data.CIFAR10_FOLDER, folder)
+    return folder
+
+
+class Payload:
+    """What a booby-trapped pickle holds: unpickling it calls os.system."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+@pytest.mark.parametrize("file", ["batches.meta", "data_batch_2", "test_batch"])
+def test_a_cifar_batch_that_carries_code_is_refused_in_one_line_and_never_runs_it(
+    cifar_python_folder, tmp_path, file
+):
+    folder = copy_of_cifar_folder(cifar_python_folder, tmp_path)
+    marker = tmp_path / "the-code-ran"
+    with open(folder / file, "wb") as f:
+        pickle.dump({b"data": Payload(f"touch {marker}"), b"labels": [0]}, f)
+    result = CliRunner().invoke(cli, ["train", *TINY, "--data", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert f"cannot read {folder / file}: it carries code (posix.system)" in result.output
+    errors = [line for line in result.output.splitlines() if "Error" in line]
+    assert "Traceback" not in result.output and len(errors) == 1, result.output
+    assert not marker.exists(), "the pickled command ran"
+
+
+def test_a_batch_pickled_as_cifar_ships_it_is_read(cifar_python_folder, tmp_path):
+    """CIFAR's own files are Python 2 pickles (protocol 2) that name numpy.core.multiarray."""
+    folder = copy_of_cifar_folder(cifar_python_folder, tmp_path)
+    pixels = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    shipped = pickle.dumps({b"data": pixels, b"labels": [1, 2], b"batch_label": b"batch 9",
+                            b"filenames": [b"a.png", b"b.png"]}, protocol=2)  # fmt: skip
+    shipped = shipped.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert b"cnumpy.core.multiarray\n_reconstruct" in shipped
+    (folder / "test_batch").write_bytes(shipped)
+    test = data.load_dataset(tmp_path).test
+    assert test.labels.tolist() == [1, 2]
+    assert test.images.flatten().tolist() == pixels.flatten().tolist()
 
 
 @pytest.mark.parametrize(
