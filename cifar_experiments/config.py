@@ -181,6 +181,11 @@ def _filled(text: str) -> bool:
     return bool(text.strip())
 
 
+def _model_name(name: str) -> bool:
+    """What MLflow's registry takes as a model's name, here and on a server."""
+    return _filled(name) and len(name) <= 256 and "/" not in name and ":" not in name
+
+
 # Each option's bounds, checked for every config and for every value a sweep may try.
 _BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trials": (lambda v: v >= 1, "must be at least 1"),
@@ -189,7 +194,8 @@ _BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "confirm_seeds": (lambda v: v >= 1, "must be at least 1"),
     "workers": (lambda v: v >= 1, "must be at least 1"),
     "timeout": (lambda v: v > 0, "must be positive"),
-    "study": (_filled, "must not be empty"),
+    # Trials' runs are named <study>-trial-<n>-seed-<seed>, within a run name's 250.
+    "study": (lambda v: _filled(v) and len(v) <= 200, "must be 1 to 200 characters"),
     "epochs": (lambda v: v >= 1, "must be at least 1"),
     "batch_size": (lambda v: v >= 1, "must be at least 1"),
     "log_every": (lambda v: v >= 1, "must be at least 1"),
@@ -200,9 +206,12 @@ _BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "split_seed": (lambda v: v >= 0, "must be 0 or more"),
     "gate_alpha": (lambda v: 0 < v < 1, "must be between 0 and 1"),
     "label_smoothing": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "experiment_name": (_filled, "must not be empty"),
-    "experiment": (_filled, "must not be empty"),
-    "model_name": (_filled, "must not be empty"),
+    # A name is kept as given, quotes and all; a tracking server's database holds 256
+    # characters of an experiment's or a model's name and 250 of a run's.
+    "experiment_name": (lambda v: _filled(v) and len(v) <= 256, "must be 1 to 256 characters"),
+    "experiment": (lambda v: _filled(v) and len(v) <= 256, "must be 1 to 256 characters"),
+    "model_name": (_model_name, "must be 1 to 256 characters, without / or : (a model URI's)"),
+    "run_name": (lambda v: _filled(v) and len(v) <= 250, "must be 1 to 250 characters"),
     "checkpoint_dir": (_filled, "must not be empty"),
 }
 

@@ -40,6 +40,7 @@ def register_run(
     """
     client = mlflow.MlflowClient()
     run = client.get_run(run_id)
+    run_id = run.info.run_id  # the store's own id, as the searches below take it
     if BEST_VAL_METRIC not in run.data.metrics:
         raise RegistryError(f"run {run_id} has no {BEST_VAL_METRIC}: it is not a finished training")
     logged = run.outputs.model_outputs if run.outputs else []
@@ -66,8 +67,7 @@ def register_run(
 def _one_version_of_run(client: mlflow.MlflowClient, name: str, run_id: str, mine: str) -> str:
     """Machines that finish a sweep together both register its best run, each having found it
     unregistered: the lowest version stands, and the others are deleted by whoever made them."""
-    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    first = str(min(int(v.version) for v in versions))
+    first = str(min(int(v.version) for v in _versions_of_run(client, name, run_id)))
     if first != mine:
         client.delete_model_version(name, mine)
     return first
@@ -153,10 +153,8 @@ def _settle(client: mlflow.MlflowClient, name: str, rule: str, alpha: float, sin
             return
         rivals = [
             str(v.version)
-            for v in client.search_model_versions(f"name = '{name}'")
-            if int(v.version) > since
-            and str(v.version) != str(holder.version)
-            and not _refused_by(v, str(holder.version))
+            for v in _versions_since(client, name, since)
+            if str(v.version) != str(holder.version) and not _refused_by(v, str(holder.version))
         ]
         if not rivals:
             return
@@ -240,8 +238,31 @@ def _champion(client: mlflow.MlflowClient, name: str) -> ModelVersion | None:
 def _version_of_run(client: mlflow.MlflowClient, name: str, run_id: str) -> str | None:
     # A search finds nothing (it does not fail) before the model's first version; any error
     # is real, and is passed on rather than taken for "not registered yet".
-    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    versions = _versions_of_run(client, name, run_id)
     return str(versions[0].version) if versions else None
+
+
+# A model's name is never pasted into a search: MLflow's filter strings have no way to quote
+# one that holds both kinds of quote, and the name is the user's. Run ids are the store's.
+
+
+def _versions_of_run(client: mlflow.MlflowClient, name: str, run_id: str) -> list[ModelVersion]:
+    versions = client.search_model_versions(f"run_id = '{run_id}'")
+    return [version for version in versions if version.name == name]
+
+
+def _versions_since(client: mlflow.MlflowClient, name: str, since: int) -> list[ModelVersion]:
+    """The versions of `name` numbered above `since`, read one by one up to the newest."""
+    newest = max((int(v.version) for v in client.get_registered_model(name).latest_versions),
+                 default=since)  # fmt: skip
+    versions = []
+    for number in range(since + 1, newest + 1):
+        try:
+            versions.append(client.get_model_version(name, str(number)))
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":  # deleted: a duplicate of a run
+                raise
+    return versions
 
 
 def _description(run: mlflow.entities.Run, val: float, test: float | None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 from click.testing import CliRunner
+from helpers import TINY
 
 from cifar_experiments.cli import cli
 from cifar_experiments.registry import CHAMPION
@@ -139,3 +140,62 @@ def test_a_registry_error_is_not_taken_for_a_first_registration(monkeypatch):
 
     with pytest.raises(MlflowException, match="database is down"):
         registry._version_of_run(BrokenClient(), NAME, "0" * 32)
+
+
+QUOTED = 'm\'o "d" ü \\ ..'
+
+
+def test_names_with_quotes_backslashes_and_unicode_work_exactly_as_given(image_folder):
+    """Neither name may be pasted into a filter string: MLflow's cannot quote this one."""
+    for _ in range(2):
+        result = CliRunner().invoke(
+            cli, ["train", *TINY, "--data", str(image_folder), "--model-name", QUOTED,
+                  "--experiment-name", QUOTED, "--gate", "better"],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(QUOTED)
+    runs = client.search_runs([experiment.experiment_id])
+    first, second = (client.get_model_version(QUOTED, version) for version in ("1", "2"))
+    assert {first.run_id, second.run_id} == {run.info.run_id for run in runs}
+    assert second.tags["gate.verdict"] in ("promoted", "kept")
+
+    again = CliRunner().invoke(cli, ["register", "--run-id", first.run_id, "--model-name", QUOTED])
+    assert again.exit_code == 0, again.output
+    assert f"Registered {QUOTED} version 1;" in again.output, "already registered: not twice"
+
+
+# (option, value, what the one-line refusal says), each before any training starts.
+BAD_NAMES = {
+    "a model name with a slash": ("--model-name", "a/b", "without / or :"),
+    "a 300-character model name": ("--model-name", "m" * 300, "1 to 256 characters"),
+    "a 300-character experiment": ("--experiment-name", "e" * 300, "1 to 256 characters"),
+    "a 300-character run name": ("--run-name", "r" * 300, "1 to 250 characters"),
+}
+
+
+@pytest.mark.parametrize(("option", "value", "message"), BAD_NAMES.values(), ids=BAD_NAMES)
+def test_names_the_registry_or_a_server_cannot_hold_are_refused_before_training(
+    image_folder, option, value, message
+):
+    result = CliRunner().invoke(cli, ["train", *TINY, "--data", str(image_folder), option, value])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+INJECTED = "' or '1'='1"
+RUN_ID_COMMANDS = {
+    "register": ["register", "--run-id", INJECTED],
+    "compare": ["compare", INJECTED, "0" * 32],
+    "resume": ["train", "--resume", INJECTED],
+}
+
+
+@pytest.mark.parametrize("args", RUN_ID_COMMANDS.values(), ids=RUN_ID_COMMANDS)
+def test_a_run_id_that_reads_like_a_filter_is_refused_in_one_line(tracking_store, args):
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code != 0
+    errors = [line for line in result.output.splitlines() if "Error" in line]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert INJECTED in errors[0], "the line names what was refused"
