@@ -94,6 +94,23 @@ def prepare(
     return Prepared(config, dataset, train, val, runtime, val_ids, resumption)
 
 
+def _check_own_checkpoint(run_id: str, path: Path, folder: Path) -> None:
+    """The file a run's `checkpoint` tag names must be the run's own file in its checkpoint
+    folder, not one elsewhere, nor a link out of it: a tag can be changed by anyone who may
+    edit the run."""
+    own = folder.resolve() / f"{run_id}.pt"
+    if path.resolve() == own:
+        return
+    if path.parent.resolve() == own.parent:
+        raise ResumeError(f"run {run_id}'s checkpoint {path} links out of its checkpoint folder "
+                          f"(to {path.resolve()}); refused")  # fmt: skip
+    raise ResumeError(
+        f"run {run_id}'s checkpoint tag names {path}, which is not {own}, the run's file in its "
+        f"checkpoint folder; refused. If that file is the run's, resume with --checkpoint-dir "
+        f"{path.parent}"
+    )
+
+
 def plan_resume(run_id: str, options: dict[str, Any]) -> tuple[TrainConfig, Resumption] | None:
     """The configuration and saved state to continue `run_id` with, or None if it finished.
 
@@ -108,9 +125,14 @@ def plan_resume(run_id: str, options: dict[str, Any]) -> tuple[TrainConfig, Resu
         return None
     if past.status == "RUNNING" and _alive(past.process):
         raise ResumeError(f"run {run_id} is still RUNNING, in process {past.process}")
+    given = options.get("checkpoint_dir")
+    if given in (None, field_default("checkpoint_dir")):
+        given = past.checkpoint_dir or field_default("checkpoint_dir")
+    folder = Path(given)
     path = past.checkpoint
-    if path is None or not path.is_file():
-        folder = Path(options.get("checkpoint_dir") or field_default("checkpoint_dir"))
+    if path is not None and path.is_file():
+        _check_own_checkpoint(run_id, path, folder)
+    else:
         path = past_runs.download_checkpoint(run_id, folder / f"{run_id}-downloaded")
     if path is None:
         raise ResumeError(

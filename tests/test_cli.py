@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -442,3 +443,27 @@ def test_resume_fetches_the_checkpoint_artifact_when_the_file_is_gone(killed_run
     assert client.get_run(killed_run).info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(killed_run, "train/loss")]
     assert sorted(steps) == list(range(1, 7))
+
+
+def test_a_checkpoint_tag_pointing_out_of_the_checkpoint_folder_is_refused(killed_run, tmp_path):
+    """A run's tags can be changed by anyone who may edit it: resume loads only the run's own
+    file in its checkpoint folder, not a file the tag names elsewhere, nor a link out."""
+    client = mlflow.MlflowClient()
+    own = Path(client.get_run(killed_run).data.tags["checkpoint"])
+    elsewhere = tmp_path / "elsewhere" / own.name
+    elsewhere.parent.mkdir()
+    shutil.copy(own, elsewhere)
+
+    client.set_tag(killed_run, "checkpoint", str(elsewhere))
+    result = train("--resume", killed_run)
+    assert result.exit_code == 2, result.output
+    assert f"checkpoint tag names {elsewhere}, which is not {own}" in result.output
+
+    client.set_tag(killed_run, "checkpoint", str(own))
+    own.unlink()
+    own.symlink_to(elsewhere)
+    result = train("--resume", killed_run)
+    assert result.exit_code == 2, result.output
+    assert f"links out of its checkpoint folder (to {elsewhere})" in result.output
+    assert "Traceback" not in result.output
+    assert client.get_run(killed_run).info.status == "KILLED"

@@ -21,7 +21,8 @@ from .store import TrackingError, settings, tracking_uri
 class PastRun:
     run_id: str
     status: str
-    checkpoint: Path | None
+    checkpoint: Path | None  # as its tag names it: anyone who may edit the run can change it
+    checkpoint_dir: str | None  # as the run logged it (a parameter, which cannot change)
     process: str | None  # "host:pid" of the process that last ran it
     env_manager: str | None  # how `mlflow run` made its environment, if it started the run
 
@@ -38,6 +39,7 @@ def find_run(run_id: str) -> PastRun:
         run_id,
         run.info.status,
         Path(path) if path else None,
+        run.data.params.get("checkpoint_dir"),
         tags.get(PROCESS_TAG),
         tags.get("mlflow.project.env"),
     )
