@@ -151,14 +151,18 @@ def running(
             stop_group(process)
 
 
+# MLflow refuses to unpickle a model under this setting; ours need nothing unpickled.
+NO_PICKLES = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
+
+
 def serve(model_uri: str, tracking_uri: str, log_path: Path) -> tuple[str, Iterator[None]]:
     """`mlflow models serve` of `model_uri` on a free loopback port: its URL, and the context
-    in which it runs."""
+    in which it runs. It runs as a careful team serves: no pickled code may load."""
     port = free_port()
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    env = local_env(MLFLOW_TRACKING_URI=tracking_uri)
+    env = local_env(MLFLOW_TRACKING_URI=tracking_uri, **NO_PICKLES)
     return url, running(command, env, f"{url}/ping", log_path)
 
 

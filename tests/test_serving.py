@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 
+import mlflow
 import pytest
 from helpers import (
     JPEG,
+    NO_PICKLES,
     PNG,
     ROOT,
     assert_labels,
@@ -112,3 +114,31 @@ def test_train_register_and_serve_through_a_tracking_server(image_folder, tmp_pa
             status, answer = post(url, {"inputs": {"image": [b64(PNG)]}})
     assert status == 200, answer
     assert_labels(answer, 1)
+
+
+class Echo(mlflow.pyfunc.PythonModel):
+    """A model saved as a Python object, which MLflow pickles."""
+
+    def predict(self, context, model_input):
+        return model_input
+
+
+def test_the_logged_model_loads_where_pickled_models_are_refused(finished_run, tmp_path):
+    """Under MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false (every server here runs so) MLflow
+    refuses a pickled model, and loads ours: nothing in it needs unpickling."""
+    _, client, run_id = finished_run
+    mlflow.pyfunc.save_model(path=tmp_path / "pickled", python_model=Echo())
+    load = "import sys, mlflow; mlflow.pyfunc.load_model(sys.argv[1]); print('loaded')"
+    env = local_env(MLFLOW_TRACKING_URI=client.tracking_uri, **NO_PICKLES)
+
+    def loads(uri: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", load, uri], env=env, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+
+    refused = loads(str(tmp_path / "pickled"))
+    assert refused.returncode != 0 and "Deserializing model using pickle is disallowed" in (
+        refused.stderr
+    )
+    for uri in (f"runs:/{run_id}/model", "models:/cifar10-classifier@champion"):
+        ours = loads(uri)
+        assert ours.returncode == 0 and ours.stdout.strip() == "loaded", ours.stderr[-2000:]
