@@ -17,14 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from . import speedups
+from . import plain_pickle, speedups
 from .recipes import AIRBENCH94
 
 log = logging.getLogger(__name__)
@@ -340,35 +339,10 @@ def _read_cifar_batch(path: Path) -> ImageSet:
     return ImageSet(torch.from_numpy(pixels.copy()), torch.from_numpy(labels))
 
 
-# What CIFAR-10's python batches are made of, besides dicts, lists, bytes and ints: numpy
-# arrays, as numpy pickles them (older numpy named its module numpy.core, newer numpy._core).
-_CIFAR_PICKLE_GLOBALS = {
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.numeric", "_frombuffer"),
-    ("_codecs", "encode"),  # how Python 3 writes bytes at pickle protocol 2
-}  # fmt: skip
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """Reads a CIFAR batch and nothing else: a pickle may name any function to call as it is
-    read (os.system, say), and this one refuses every name a batch does not hold, so a file
-    that carries code is refused before any of it runs. (torchvision's CIFAR10 calls
-    pickle.load on these files as they come.)"""
-
-    def find_class(self, module: str, name: str) -> Any:
-        current = module.replace("numpy.core.", "numpy._core.", 1)
-        if (current, name) not in _CIFAR_PICKLE_GLOBALS:
-            raise pickle.UnpicklingError(
-                f"it carries code ({module}.{name}), which CIFAR's batches never hold; refused "
-                "without running it"
-            )
-        return super().find_class(current, name)
-
-
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            loaded = _CifarUnpickler(f, encoding="bytes").load()
+            loaded = plain_pickle.load(f)
     except (OSError, pickle.UnpicklingError, EOFError, ValueError) as error:
         raise DataError(f"cannot read {path}: {error}") from error
     if not isinstance(loaded, dict):
