@@ -53,6 +53,15 @@ class _Cli(click.Group):
 
                 mark_refused(ctx.obj, f"usage error: {error.format_message()}")
             raise
+        except click.ClickException:
+            raise
+        except Exception as error:  # a server's refusal, wherever a command met it: one line
+            from .tracking.refusals import said
+
+            line = said(error, ctx.invoked_subcommand)
+            if line is None:
+                raise
+            raise click.ClickException(line) from None
 
 
 @click.group(cls=_Cli)
@@ -300,7 +309,7 @@ def register(**options: Any) -> None:
     except registry.RegistryError as error:
         raise click.ClickException(str(error)) from None
     except MlflowException as error:
-        raise click.ClickException(f"cannot register run {run_id}: {error.message}") from None
+        raise _mlflow_failed(error, f"register run {run_id}") from None
     echo_registration(registration)
 
 
@@ -318,9 +327,7 @@ def promote(name: str, version: str) -> None:
     try:
         registration = registry.promote(name, version)
     except MlflowException as error:
-        raise click.ClickException(
-            f"cannot promote {name} version {version}: {error.message}"
-        ) from None
+        raise _mlflow_failed(error, f"promote {name} version {version}") from None
     echo_registration(registration)
 
 
@@ -361,7 +368,7 @@ def compare(a: str, b: str, split: str, output: Path | None, data: Path | None) 
     except registry.RegistryError as error:
         raise click.ClickException(str(error)) from None
     except MlflowException as error:
-        raise click.ClickException(f"cannot read the runs: {error.message}") from None
+        raise _mlflow_failed(error, "read the runs") from None
     found = []
     for reference, predictions in zip((a, b), saved, strict=True):
         if predictions is None:
@@ -407,7 +414,7 @@ def predict(paths: tuple[Path, ...], model_uri: str, as_json: bool) -> None:
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="PATHS") from None
     except MlflowException as error:
-        raise click.ClickException(f"cannot use model {model_uri}: {error.message}") from None
+        raise _mlflow_failed(error, f"use model {model_uri}") from None
     if as_json:
         click.echo(answer.to_json(orient="records", indent=2))
     else:
@@ -415,6 +422,16 @@ def predict(paths: tuple[Path, ...], model_uri: str, as_json: bool) -> None:
             score=answer["score"].map("{:.1%}".format)
         )
         click.echo(table.to_string(index=False))
+
+
+def _mlflow_failed(error: Exception, doing: str) -> click.ClickException:
+    """What MLflow refused while a command was `doing` something, in one line: a server's
+    refusal said as such, else MLflow's own words."""
+    from .processes import one_line
+    from .tracking.refusals import said
+
+    command = click.get_current_context().info_name
+    return click.ClickException(said(error, command) or f"cannot {doing}: {one_line(error)}")
 
 
 def main() -> None:

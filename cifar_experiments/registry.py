@@ -17,6 +17,7 @@ from . import gate
 from .config import CHAMPION_ALIAS as CHAMPION
 from .tracking.keys import BEST_VAL_METRIC, TEST_ACCURACY_METRIC
 from .tracking.past_runs import saved_predictions
+from .tracking.refusals import NOT_FOUND
 
 
 class RegistryError(ValueError):
@@ -195,7 +196,9 @@ def run_of(reference: str) -> str:
     if not reference.startswith("models:/"):
         try:
             return client.get_run(reference).info.run_id
-        except MlflowException:
+        except MlflowException as error:
+            if error.error_code not in NOT_FOUND:
+                raise  # the server's own failure, said as such
             raise RegistryError(f"there is no run {reference!r}") from None
     name, at, alias = reference.removeprefix("models:/").partition("@")
     if not at:
@@ -206,7 +209,9 @@ def run_of(reference: str) -> str:
             if at
             else client.get_model_version(name, alias)
         )
-    except MlflowException:
+    except MlflowException as error:
+        if error.error_code not in NOT_FOUND:
+            raise
         raise RegistryError(f"there is no model {reference!r}") from None
     if found.run_id is None:
         raise RegistryError(f"model {reference!r} has no run behind it")

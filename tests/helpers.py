@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.server
 import io
 import json
 import math
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -149,6 +151,43 @@ def running(
             yield process
         finally:
             stop_group(process)
+
+
+class _StandIn(http.server.BaseHTTPRequestHandler):
+    """Answers every request the same way: an error page, a web page, or a dropped line."""
+
+    answer: tuple[int, str, bytes] | None = None  # status, content type, body; None: hang up
+
+    def _respond(self) -> None:
+        if self.answer is None:
+            self.connection.close()
+            return
+        status, content_type, body = self.answer
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PATCH = do_DELETE = _respond
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def stand_in_server(answer: tuple[int, str, bytes] | None) -> Iterator[str]:
+    """A server on loopback that answers every request with `answer` (None: closes the
+    connection unanswered), in a thread: its URL while the block runs."""
+    handler = type("Answering", (_StandIn,), {"answer": answer})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # MLflow refuses to unpickle a model under this setting; ours need nothing unpickled.

@@ -14,6 +14,7 @@ from mlflow.exceptions import MlflowException
 from ..predictions import FILE as PREDICTIONS_FILE
 from ..predictions import Predictions
 from .keys import CHECKPOINT_ARTIFACT_DIR, CHECKPOINT_TAG, PROCESS_TAG
+from .refusals import NOT_FOUND
 from .store import TrackingError, settings, tracking_uri
 
 
@@ -32,6 +33,8 @@ def find_run(run_id: str) -> PastRun:
     try:
         run = mlflow.MlflowClient().get_run(run_id)
     except MlflowException as error:
+        if error.error_code not in NOT_FOUND:
+            raise  # the server's own failure, said as such
         raise TrackingError(f"no run {run_id} in {tracking_uri()}") from error
     tags = run.data.tags
     path = tags.get(CHECKPOINT_TAG)

@@ -18,7 +18,9 @@ from filelock import FileLock
 from mlflow.entities import Experiment
 from mlflow.exceptions import MlflowException
 
+from ..processes import one_line
 from .keys import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
+from .refusals import said
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,25 +56,10 @@ def check_store() -> None:
         with one_try(), _first_use_lock():
             mlflow.MlflowClient().search_experiments(max_results=1)
     except Exception as error:  # each store type fails in its own way
-        if getattr(error, "error_code", None) == "UNAUTHENTICATED":
-            raise TrackingError(_unauthenticated()) from None
         raise TrackingError(
-            f"cannot reach the MLflow tracking store {tracking_uri()}: "
-            f"{getattr(error, 'message', None) or error}"
-        ) from error
-
-
-def _unauthenticated() -> str:
-    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
-    if user is None:
-        return (
-            f"the tracking server {tracking_uri()} needs a login: set MLFLOW_TRACKING_USERNAME "
-            "and MLFLOW_TRACKING_PASSWORD"
-        )
-    return (
-        f"the tracking server {tracking_uri()} refused the login of {user!r}: check "
-        "MLFLOW_TRACKING_PASSWORD"
-    )
+            said(error)
+            or f"cannot reach the MLflow tracking store {tracking_uri()}: {one_line(error)}"
+        ) from None
 
 
 def check_can_train_in(experiment_name: str) -> None:
@@ -83,7 +70,12 @@ def check_can_train_in(experiment_name: str) -> None:
     experiment needs no probe: whoever creates one may write to it.
     """
     client = mlflow.MlflowClient()
-    experiment = client.get_experiment_by_name(experiment_name)
+    try:
+        experiment = client.get_experiment_by_name(experiment_name)
+    except MlflowException as error:  # a login with no permission at all may not even look
+        if error.error_code != "PERMISSION_DENIED":
+            raise
+        raise TrackingError(_may_not_train_in(experiment_name)) from None
     if experiment is None:
         return
     kind = experiment.tags.get(EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
@@ -99,11 +91,15 @@ def check_can_train_in(experiment_name: str) -> None:
     except MlflowException as error:
         if error.error_code != "PERMISSION_DENIED":
             raise
-        who = os.environ.get("MLFLOW_TRACKING_USERNAME", "this login")
-        raise TrackingError(
-            f"{who} may not add runs to experiment {experiment_name!r} on {tracking_uri()}: "
-            "that needs EDIT permission on it, which its owner or an admin can grant"
-        ) from None
+        raise TrackingError(_may_not_train_in(experiment_name)) from None
+
+
+def _may_not_train_in(experiment_name: str) -> str:
+    who = os.environ.get("MLFLOW_TRACKING_USERNAME", "this login")
+    return (
+        f"{who} may not add runs to experiment {experiment_name!r} on {tracking_uri()}: "
+        "that needs EDIT permission on it, which its owner or an admin can grant"
+    )
 
 
 def mark_as_training(experiment_id: str) -> None:
