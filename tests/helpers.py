@@ -29,6 +29,7 @@ from PIL import Image
 
 from cifar_experiments import callbacks, data
 from cifar_experiments.predictions import Predictions
+from cifar_experiments.sweep import parent_run
 
 CLASSES = ("cat", "dog", "frog")
 TRAIN_PER_CLASS = 10
@@ -259,3 +260,33 @@ def assert_every_point_once(client: mlflow.MlflowClient, run_id: str, epochs: in
     assert history["val/accuracy"] == history["train/epoch_loss"] == list(range(1, epochs + 1))
     assert history["train/loss"] == list(range(1, len(history["train/loss"]) + 1))
     assert {key: steps for key, steps in history.items() if len(set(steps)) != len(steps)} == {}
+
+
+# A sweep's runs: its parent, and the children tagged with it.
+
+
+def all_children(parent_run_id: str) -> list[mlflow.entities.Run]:
+    """The sweep's trials and its confirmation's runs."""
+    return mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.`{parent_run.PARENT_TAG}` = '{parent_run_id}'",
+        output_format="list",
+    )
+
+
+def children(parent_run_id: str) -> list[mlflow.entities.Run]:
+    """The sweep's trials, in order."""
+    trials = [r for r in all_children(parent_run_id) if parent_run.TRIAL_TAG in r.data.tags]
+    return sorted(trials, key=lambda run: int(run.data.tags[parent_run.TRIAL_TAG]))
+
+
+def only_parent() -> mlflow.entities.Run:
+    """The one run of the store that is no one's child: the sweep's parent."""
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    (parent,) = [run for run in runs if parent_run.PARENT_TAG not in run.data.tags]
+    return parent
+
+
+def sweep_command(folder: Path, *extra: str) -> list[str]:
+    """A sweep on `folder` with small batches, as a command line for a process of its own."""
+    return cli_command("sweep", "--data", str(folder), "--batch-size", "8", *extra)

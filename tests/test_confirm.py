@@ -13,8 +13,15 @@ import time
 import mlflow
 import numpy as np
 import pytest
-from helpers import binomial_tail, hand_made_predictions, local_env, write_image_folder
-from test_sweep import children, only_parent, sweep_command
+from helpers import (
+    binomial_tail,
+    children,
+    hand_made_predictions,
+    local_env,
+    only_parent,
+    sweep_command,
+    write_image_folder,
+)
 
 from cifar_experiments.sweep import confirm, parent_run
 

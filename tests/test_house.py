@@ -88,8 +88,11 @@ def test_only_one_module_reads_which_run_mlflow_run_made():
     assert readers == ["tracking/project_run.py"]
 
 
-def test_no_test_imports_a_benchmark_script():
-    benchmarks = {path.stem for path in (ROOT / "benchmarks").glob("*.py")}
+def test_no_test_imports_a_benchmark_script_or_another_test_module():
+    """Tests share tests/helpers.py (and the tutorial's code and the UI's pages), never one
+    another's modules, nor a benchmark's."""
+    forbidden = {path.stem for path in (ROOT / "benchmarks").glob("*.py")} | {"benchmarks"}
+    forbidden |= {path.stem for path in (ROOT / "tests").rglob("test_*.py")}
     imported = {}
     for test_file in sorted((ROOT / "tests").rglob("*.py")):
         for node in ast.walk(ast.parse(test_file.read_text())):
@@ -99,6 +102,6 @@ def test_no_test_imports_a_benchmark_script():
                 else []
             )  # fmt: skip
             for name in names:
-                if name.split(".")[0] in benchmarks | {"benchmarks"}:
+                if name.split(".")[0] in forbidden:
                     imported[str(test_file.relative_to(ROOT))] = name
     assert imported == {}

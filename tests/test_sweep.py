@@ -15,7 +15,16 @@ import mlflow
 import optuna
 import pytest
 from click.testing import CliRunner
-from helpers import ROOT, TINY, cli_command, local_env, write_image_folder
+from helpers import (
+    ROOT,
+    TINY,
+    all_children,
+    children,
+    local_env,
+    only_parent,
+    sweep_command,
+    write_image_folder,
+)
 
 from cifar_experiments import engine, search_space
 from cifar_experiments.cli import cli
@@ -27,27 +36,6 @@ from cifar_experiments.sweep import study as sweep_study
 
 def run_sweep(*args: str):
     return CliRunner().invoke(cli, ["sweep", *args], catch_exceptions=False)
-
-
-def all_children(parent_run_id: str) -> list[mlflow.entities.Run]:
-    """The sweep's trials and its confirmation's runs."""
-    return mlflow.search_runs(
-        search_all_experiments=True,
-        filter_string=f"tags.`{parent_run.PARENT_TAG}` = '{parent_run_id}'",
-        output_format="list",
-    )
-
-
-def children(parent_run_id: str) -> list[mlflow.entities.Run]:
-    """The sweep's trials, in order."""
-    trials = [r for r in all_children(parent_run_id) if parent_run.TRIAL_TAG in r.data.tags]
-    return sorted(trials, key=lambda run: int(run.data.tags[parent_run.TRIAL_TAG]))
-
-
-def only_parent() -> mlflow.entities.Run:
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    (parent,) = [run for run in runs if parent_run.PARENT_TAG not in run.data.tags]
-    return parent
 
 
 def test_a_sweep_nests_its_trials_and_registers_only_the_best(image_folder, tmp_path):
@@ -213,10 +201,6 @@ def test_continuing_a_study_with_other_settings_is_refused(image_folder):
 def test_warmup_protects_the_first_epochs():
     assert [sweep_study.warmup_epochs(n) for n in (1, 3, 5, 10, 11)] == [1, 1, 1, 2, 3]
     assert engine.lr_factor("onecycle", 20, 100) == 1.0  # the warm-up's last step: the peak
-
-
-def sweep_command(folder, *extra: str) -> list[str]:
-    return cli_command("sweep", "--data", str(folder), "--batch-size", "8", *extra)
 
 
 @pytest.mark.slow

@@ -166,3 +166,40 @@ def test_two_members_runs_are_compared_through_the_server(tracking_server, users
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "15 val images held out by both" in done.stdout and "p = " in done.stdout
+
+
+def test_a_member_with_no_permission_gets_one_line_from_every_command(
+    tracking_server, users, image_folder, tmp_path
+):
+    """As on a server whose default_permission is NO_PERMISSIONS: bob may not even see
+    alice's experiment, and each command tells him so in one line naming him."""
+    from mlflow.server.auth.client import AuthServiceClient
+
+    alice = tracking_server.user_env("alice", users["alice"])
+    done = train(alice, tmp_path, *TINY, "--data", str(image_folder), "--experiment-name",
+                 "alices-private", "--no-register")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_id = run_id_of(done.stdout)
+    with logged_in(ADMIN, ADMIN_PASSWORD):
+        client = mlflow.MlflowClient(tracking_server.url)
+        experiment_id = client.get_experiment_by_name("alices-private").experiment_id
+        AuthServiceClient(tracking_server.url).grant_user_permission(
+            "bob", "experiment", experiment_id, "NO_PERMISSIONS"
+        )
+    bob = tracking_server.user_env("bob", users["bob"])
+    commands = {
+        "train": ["train", *TINY, "--data", str(image_folder), "--experiment-name",
+                  "alices-private"],
+        "resume": ["train", "--resume", run_id],
+        "sweep": ["sweep", "--trials", "1", *TINY, "--data", str(image_folder),
+                  "--experiment-name", "alices-private"],
+        "register": ["register", "--run-id", run_id, "--model-name", "bobs-model"],
+        "compare": ["compare", run_id, run_id],
+    }  # fmt: skip
+    for name, args in commands.items():
+        done = subprocess.run(cli_command(*args), env=bob, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+        errors = [line for line in done.stderr.splitlines() if line.startswith("Error")]
+        assert done.returncode != 0 and len(errors) == 1, (name, done.stderr[-3000:])
+        assert "Traceback" not in done.stderr, (name, done.stderr[-3000:])
+        assert "bob" in errors[0] and tracking_server.url in errors[0], (name, errors[0])
