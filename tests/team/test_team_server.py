@@ -172,7 +172,8 @@ def test_a_member_with_no_permission_gets_one_line_from_every_command(
     tracking_server, users, image_folder, tmp_path
 ):
     """As on a server whose default_permission is NO_PERMISSIONS: bob may not even see
-    alice's experiment, and each command tells him so in one line naming him."""
+    alice's experiment (MLflow's grant for that on one experiment is DENY), and each command
+    tells him so in one line naming him."""
     from mlflow.server.auth.client import AuthServiceClient
 
     alice = tracking_server.user_env("alice", users["alice"])
@@ -184,7 +185,7 @@ def test_a_member_with_no_permission_gets_one_line_from_every_command(
         client = mlflow.MlflowClient(tracking_server.url)
         experiment_id = client.get_experiment_by_name("alices-private").experiment_id
         AuthServiceClient(tracking_server.url).grant_user_permission(
-            "bob", "experiment", experiment_id, "NO_PERMISSIONS"
+            "bob", "experiment", experiment_id, "DENY"
         )
     bob = tracking_server.user_env("bob", users["bob"])
     commands = {
