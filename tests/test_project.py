@@ -11,7 +11,7 @@ import tomllib
 import mlflow
 import pytest
 import yaml
-from helpers import ROOT, local_env
+from helpers import ROOT, local_env, unavailable
 
 from cifar_experiments.cli import train
 from cifar_experiments.config import TrainConfig
@@ -140,3 +140,13 @@ def test_mlflow_run_with_a_bad_value_fails_its_run_with_the_message(tracking_sto
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.info.status == "FAILED"
     assert "--epochs" in run.data.tags["error"]
+
+
+@pytest.mark.parametrize(
+    ("ci", "outcome"), [("1", pytest.fail.Exception), ("", pytest.skip.Exception)]
+)
+def test_a_missing_service_fails_in_ci_and_is_skipped_elsewhere(monkeypatch, ci, outcome):
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match="headless Chromium: not installed"):
+        unavailable("headless Chromium: not installed")
+    assert "export CI=1" in (ROOT / ".ci" / "run").read_text(), "CI runs as CI"

@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from click.testing import CliRunner
-from helpers import TINY
+from helpers import TINY, unavailable
 from ui_pages import browser_missing, chromium, mlflow_ui, run_pages, visit
 
 from cifar_experiments.cli import cli
@@ -31,7 +31,7 @@ def test_the_printed_link_opens_the_run_and_its_pages_render(
     image_folder, tracking_store, tmp_path, screenshots
 ):
     if browser_missing():
-        pytest.skip(f"headless Chromium: {browser_missing()} (.ci/run installs it)")
+        unavailable(f"headless Chromium: {browser_missing()} (.ci/run installs it)")
     name = "seen-in-a-browser"
     args = ["train", *TINY, "--data", str(image_folder), "--experiment-name", "ui",
             "--run-name", name]  # fmt: skip

@@ -79,16 +79,18 @@ def malformed_bodies(rng: random.Random) -> dict[str, tuple[bytes, str]]:
     }  # fmt: skip
 
 
-def send_raw(url: str, head: bytes) -> bytes:
-    """Bytes straight onto the socket: requests no HTTP client library would send."""
+def send_raw(url: str, head: bytes, seconds: float = 30) -> bytes:
+    """Bytes straight onto the socket: requests no HTTP client library would send. The
+    server's first bytes, or b"" when it closed the connection unanswered; a server that
+    neither answers nor closes within `seconds` hangs, and fails the test."""
     host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as connection:
+    with socket.create_connection((host, int(port)), timeout=seconds) as connection:
         connection.sendall(head)
         connection.shutdown(socket.SHUT_WR)
         try:
             return connection.recv(200)
         except TimeoutError:
-            return b""
+            pytest.fail(f"the server hung: no answer and no close in {seconds:.0f} s to {head!r}")
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +135,13 @@ def test_malformed_requests_get_only_4xx_and_the_server_keeps_answering(served):
     status, answer = post(served, {"inputs": {"image": [b64(PNG), b64(JPEG)]}})
     assert status == 200, f"after {sent} malformed requests: {answer}"
     assert_labels(answer, 2)
+
+
+def test_a_server_that_neither_answers_nor_closes_fails_the_raw_check():
+    """The check above must catch a hang, not take silence for a closed connection."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the connection is made, and nothing ever reads or answers it
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(pytest.fail.Exception, match="the server hung"):
+            send_raw(url, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", seconds=1)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import answers, free_port, local_env, stop_group, wait_until
+from helpers import answers, free_port, local_env, stop_group, unavailable, wait_until
 from team_services import ADMIN, ADMIN_PASSWORD, BUCKET, DB_PASSWORD, S3_KEYS, logged_in
 
 
@@ -68,7 +68,7 @@ class Postgres:
 def postgres() -> Iterator[Postgres]:
     binaries = _postgres_bin()
     if binaries is None:
-        pytest.skip("PostgreSQL is not installed (.ci/run installs Debian's postgresql)")
+        unavailable("PostgreSQL is not installed (.ci/run installs Debian's postgresql)")
     root = Path(tempfile.mkdtemp(prefix="team-pg-"))
     as_postgres: list[str] = []
     if os.geteuid() == 0:  # initdb refuses root: the cluster belongs to `postgres`
