@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,14 @@ def save(state: dict[str, Any], path: Path) -> None:
     """Write `state` to `path` through a temporary file and a rename, so a crash or a full
     disk leaves the previous checkpoint whole."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    # Serialised in memory first: torch's own zip writer reports a full disk as a RuntimeError
+    # about file positions; a plain write says "No space left on device".
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(partial, "wb") as file:
-            torch.save({"format": FORMAT, **state}, file)
+            file.write(buffer.getbuffer())
             file.flush()
             os.fsync(file.fileno())
         os.replace(partial, path)

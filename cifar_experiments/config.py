@@ -126,12 +126,18 @@ class TrainConfig:
     experiment_name: str = _where_and_how(
         "MLflow experiment (ignored under `mlflow run`, which chose one).", "cifar10"
     )
-    run_name: str | None = _where_and_how("MLflow run name; empty lets MLflow pick one.", None)
+    run_name: str | None = _where_and_how("MLflow run name; empty: <model>-<epochs>-epochs.", None)
     checkpoint_dir: str = _where_and_how(
         "Folder for each run's training state (<run id>.pt), saved after every epoch and on "
         "interruption.",
         "checkpoints",
         metavar="PATH",
+    )
+    keep_checkpoints: bool = _where_and_how(
+        "Keep a finished run's checkpoint file, and a finished child run's (a sweep's trial, a "
+        "repeat) checkpoint artifact; by default only stopped and failed runs keep theirs, to "
+        "resume from.",
+        False,
     )
     register: bool = _where_and_how(
         "Register the model as a new version, and move the `champion` alias to it when the "

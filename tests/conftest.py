@@ -4,13 +4,23 @@ Shared functions are in helpers.py."""
 from __future__ import annotations
 
 import pickle
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import CLASSES, TEST_PER_CLASS, TINY, TRAIN_PER_CLASS, encode, synthetic_images
+from helpers import (
+    CLASSES,
+    TEST_PER_CLASS,
+    TINY,
+    TRAIN_PER_CLASS,
+    encode,
+    synthetic_images,
+    unavailable,
+)
 
 from cifar_experiments.cli import cli
 
@@ -31,6 +41,21 @@ def tracking_store(tmp_path_factory, monkeypatch):
     active = mlflow.active_run()
     mlflow.end_run()
     assert active is None, f"run {active.info.run_id} was left active"
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A real 3 MB filesystem (a tmpfs, which root may mount), to fill up."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(folder)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        unavailable(f"cannot mount a small tmpfs here (root may): {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
 
 
 @pytest.fixture(scope="session")

@@ -95,6 +95,20 @@ def unavailable(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+def fill(disk: Path) -> Path:
+    """Fill the filesystem at `disk` to its last byte with one file: that file, whose removal
+    frees the space again."""
+    filler = disk / "filler"
+    with open(filler, "wb") as file:
+        try:
+            while True:
+                file.write(b"\0" * 65536)
+                file.flush()
+        except OSError:  # No space left on device: it is full
+            pass
+    return filler
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import fill
 
 from cifar_experiments import checkpoint
 
@@ -24,19 +25,17 @@ def test_checkpoint_files_hold_only_tensors_and_plain_values(tmp_path):
         checkpoint.load(path)
 
 
-def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
-    path = tmp_path / "state.pt"
-    checkpoint.save({"epoch": 1}, path)
-
-    def full_disk(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", full_disk)
+def test_a_full_disk_fails_the_write_by_name_and_keeps_the_previous_checkpoint(small_disk):
+    path = small_disk / "state.pt"
+    checkpoint.save({"epoch": 1, "weights": torch.zeros(1000)}, path)
+    filler = fill(small_disk)
     with pytest.raises(checkpoint.CheckpointError, match="No space left on device"):
-        checkpoint.save({"epoch": 2}, path)
-    monkeypatch.undo()
+        checkpoint.save({"epoch": 2, "weights": torch.ones(1000)}, path)
     assert checkpoint.load(path)["epoch"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "state.pt"], "no partial"
+    filler.unlink()
+    checkpoint.save({"epoch": 2, "weights": torch.ones(1000)}, path)
+    assert checkpoint.load(path)["epoch"] == 2
 
 
 def test_a_checkpoint_of_another_format_is_refused_by_name(tmp_path):

@@ -11,7 +11,7 @@ import mlflow
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from helpers import CLASSES, TINY, encode, synthetic_images
+from helpers import CLASSES, TINY, assert_every_point_once, encode, fill, synthetic_images
 
 import cifar_experiments
 from cifar_experiments import checkpoint, engine, interrupts
@@ -396,20 +396,39 @@ def test_checkpoint_folder_that_cannot_be_written_is_a_usage_error(image_folder,
     assert all_runs().empty
 
 
-def test_a_disk_that_fills_up_during_training_fails_the_run_with_the_reason(
-    image_folder, tmp_path, monkeypatch
+def test_a_disk_that_fills_up_mid_training_ends_it_in_one_line_and_resume_finishes_it(
+    image_folder, small_disk, monkeypatch
 ):
-    def full_disk(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    """The checkpoint folder on a real 3 MB filesystem, which another program fills up once
+    the first epoch's checkpoint is written."""
+    write = checkpoint.CheckpointFile.save
+    fillers = []
 
-    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
-    result = CliRunner().invoke(cli, ["train", "--data", str(image_folder), "--epochs", "2",
-                                      "--checkpoint-dir", str(tmp_path / "full")])  # fmt: skip
-    assert result.exit_code == 1
-    assert "No space left on device" in result.output and "Traceback" not in result.output
-    runs = all_runs()
-    assert runs["status"].tolist() == ["FAILED"]
-    assert "No space left on device" in runs["tags.error"].iloc[0]
+    def written_then_filled(self, training):
+        write(self, training)
+        if not fillers:
+            fillers.append(fill(small_disk))
+
+    monkeypatch.setattr(checkpoint.CheckpointFile, "save", written_then_filled)
+    result = train("--data", str(image_folder), *TINY, "--epochs", "3", "--no-register",
+                   "--checkpoint-dir", str(small_disk))  # fmt: skip
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert result.exit_code == 1 and len(errors) == 1, result.output
+    assert "No space left on device" in errors[0] and "Traceback" not in result.output
+    client = mlflow.MlflowClient()
+    (run_id,) = all_runs()["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and "No space left on device" in run.data.tags["error"]
+    saved = checkpoint.load(Path(run.data.tags["checkpoint"]))  # the last whole one
+    assert [e["epoch"] for e in saved["training"]["progress"]["history"]] == [1], "after epoch 1"
+
+    monkeypatch.undo()
+    fillers[0].unlink()  # space freed
+    result = train("--resume", run_id)
+    assert result.exit_code == 0, result.output
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert_every_point_once(client, run_id, epochs=3)
+    assert not list(small_disk.iterdir()), "a finished run leaves no checkpoint file behind"
 
 
 def test_a_loss_that_becomes_nan_fails_the_run_after_that_epoch(image_folder):

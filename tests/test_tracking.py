@@ -58,6 +58,21 @@ def test_a_run_always_ends_with_its_status_and_reason(tmp_path, error, status, t
     assert past_runs.download_checkpoint(tracker.run_id, tmp_path / "back").read_bytes() == (
         b"checkpoint"
     )
+    # A stopped or failed run keeps its file to resume from; a finished one has no use for it.
+    assert saved.exists() == (status != "FINISHED")
+
+
+@pytest.mark.parametrize(("keep", "kept"), [(False, False), (True, True)])
+def test_a_finished_child_run_keeps_no_checkpoint_unless_asked(tmp_path, keep, kept):
+    """A sweep's trials are many: finished, they leave neither file nor artifact behind."""
+    parent = mlflow.MlflowClient().create_run(mlflow.set_experiment("t").experiment_id).info.run_id
+    saved = tmp_path / "state.pt"
+    saved.write_bytes(b"checkpoint")
+    config = TrainConfig(experiment_name="t", keep_checkpoints=keep)
+    with lifecycle.mlflow_run(config, tags={keys.PARENT_TAG: parent}) as tracker:
+        tracker.record_checkpoint(saved)
+    logged = mlflow.MlflowClient().list_artifacts(tracker.run_id, keys.CHECKPOINT_ARTIFACT_DIR)
+    assert (bool(logged), saved.exists()) == (kept, kept)
 
 
 API_FAILED = "API request to http://team:5000/api/2.0/mlflow/runs/log-batch failed with exception "

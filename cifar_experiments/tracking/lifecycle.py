@@ -9,6 +9,7 @@ import os
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import mlflow
 from mlflow.entities import RunStatus
@@ -16,7 +17,7 @@ from mlflow.exceptions import MlflowException
 
 from ..config import TrainConfig
 from ..interrupts import Interrupted
-from .keys import CHECKPOINT_ARTIFACT_DIR, ERROR_TAG, PROCESS_TAG
+from .keys import CHECKPOINT_ARTIFACT_DIR, ERROR_TAG, PARENT_TAG, PROCESS_TAG
 from .outage import ServerLost, server_lost, why_unanswered
 from .recorder import MlflowTracker
 from .store import mark_as_training, once_granted, one_try, with_retries
@@ -32,8 +33,8 @@ def mlflow_run(
     project_run: str | None = None,
 ) -> Iterator[MlflowTracker]:
     """Start a run (or continue `resume_run_id`, or fill in `project_run`, the one `mlflow run`
-    made) and always end it as it went (see `ended_as_it_goes`). The run's last checkpoint,
-    if any, is logged as an artifact on every path."""
+    made) and always end it as it went (see `ended_as_it_goes`). The run's last checkpoint is
+    then kept as `Keeping` says."""
     run_id = resume_run_id or project_run
     experiment = None
     if run_id is None:
@@ -52,8 +53,9 @@ def mlflow_run(
     mark_as_training(run.info.experiment_id)
     tracker = MlflowTracker(run.info.run_id, resumed=resume_run_id is not None)
     mlflow.set_tag(PROCESS_TAG, f"{socket.gethostname()}:{os.getpid()}")
+    keeps = Keeping(config.keep_checkpoints, child=PARENT_TAG in run.data.tags)
     try:
-        with ended_as_it_goes(lambda status, error: _end(tracker, status, error)):
+        with ended_as_it_goes(lambda status, error: _end(tracker, status, error, keeps)):
             yield tracker
     except MlflowException as error:
         if not server_lost(error):
@@ -83,13 +85,34 @@ def ended_as_it_goes(end: Callable[[int, BaseException | None], None]) -> Iterat
         end(RunStatus.FINISHED, None)
 
 
-def _end(tracker: MlflowTracker, status: int, error: BaseException | None) -> None:
+@dataclass(frozen=True)
+class Keeping:
+    """What a run's last checkpoint is kept as once it ends. A stopped or failed run keeps
+    its file and logs it as an artifact, to resume from here or elsewhere. A finished run has
+    nothing to resume: it logs the artifact (a child run, one of many, not even that) and
+    removes its file, unless asked to keep them (`--keep-checkpoints`)."""
+
+    asked: bool
+    child: bool  # a sweep's trial, a repeat
+
+    def artifact(self, status: int) -> bool:
+        return self.asked or status != RunStatus.FINISHED or not self.child
+
+    def file(self, status: int) -> bool:
+        return self.asked or status != RunStatus.FINISHED
+
+
+def _end(tracker: MlflowTracker, status: int, error: BaseException | None, keeps: Keeping) -> None:
     try:
         tracker.flush()
         if error is not None:
             mlflow.set_tag(ERROR_TAG, _error_text(error))
-        if tracker.checkpoint is not None and tracker.checkpoint.is_file():
-            mlflow.log_artifact(str(tracker.checkpoint), CHECKPOINT_ARTIFACT_DIR)
+        saved = tracker.checkpoint
+        if saved is not None and saved.is_file():
+            if keeps.artifact(status):
+                mlflow.log_artifact(str(saved), CHECKPOINT_ARTIFACT_DIR)
+            if not keeps.file(status):
+                saved.unlink()  # after the artifact is safely logged: a failed upload keeps it
     finally:
         mlflow.end_run(RunStatus.to_string(status))
 

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,8 +102,14 @@ def histories(env: dict[str, str], run_id: str) -> dict[str, list[tuple[int, flo
     }
 
 
-def final_weights(run: mlflow.entities.Run) -> dict[str, torch.Tensor]:
-    return checkpoint.load(Path(run.data.tags["checkpoint"]))["training"]["model"]
+def final_weights(
+    env: dict[str, str], run: mlflow.entities.Run, folder: Path
+) -> dict[str, torch.Tensor]:
+    """A finished run's last training state, from its checkpoint artifact (a finished run
+    removes its file)."""
+    run_id = run.info.run_id
+    saved = client(env).download_artifacts(run_id, f"checkpoint/{run_id}.pt", str(folder))
+    return checkpoint.load(Path(saved))["training"]["model"]
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +138,9 @@ def assert_same_as_twin(env: dict[str, str], run: mlflow.entities.Run, twin: mlf
             assert points == theirs[key], key
     steps_per_epoch = 270 // 2  # 300 images, 10 % held out, batches of 2
     assert [s for s, _ in ours["train/loss"]] == list(range(1, EPOCHS * steps_per_epoch + 1))
-    mine, reference = final_weights(run), final_weights(twin)
+    with tempfile.TemporaryDirectory() as folder:
+        mine = final_weights(env, run, Path(folder) / "resumed")
+        reference = final_weights(env, twin, Path(folder) / "twin")
     for key, value in reference.items():
         torch.testing.assert_close(mine[key], value, rtol=0, atol=0, msg=key)
 
