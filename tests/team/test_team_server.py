@@ -111,16 +111,18 @@ def test_a_run_stopped_on_one_machine_resumes_on_another(
         assert_every_point_once(client, run_id, epochs=4)  # across the two machines
 
 
-def test_a_wrong_password_is_one_line_without_the_password(tracking_server, users, image_folder,
-                                                          tmp_path):  # fmt: skip
-    env = tracking_server.user_env("alice", "not-alices-password")
+@pytest.mark.parametrize("user", ["alice", "mallory"], ids=["wrong password", "unknown user"])
+def test_a_login_the_server_refuses_is_one_line_without_the_password(
+    tracking_server, users, image_folder, tmp_path, user
+):
+    env = tracking_server.user_env(user, "not-a-password-of-theirs")
     done = train(env, tmp_path, *TINY, "--data", str(image_folder))
     assert done.returncode == 1
     assert done.stderr.strip() == (
-        f"Error: the tracking server {tracking_server.url} refused the login of 'alice': check "
+        f"Error: the tracking server {tracking_server.url} refused the login of {user!r}: check "
         "MLFLOW_TRACKING_PASSWORD"
     )
-    assert "not-alices-password" not in done.stdout + done.stderr
+    assert "not-a-password-of-theirs" not in done.stdout + done.stderr
 
 
 def test_read_only_members_are_refused_before_any_data_until_granted_edit(
