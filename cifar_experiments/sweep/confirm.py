@@ -237,9 +237,7 @@ def _ended(optuna_study: optuna.Study) -> optuna.Study:
 
 def _top(plan: Plan, search: optuna.Study) -> list[FrozenTrial]:
     """The `--confirm-top` complete trials with the best validation accuracy."""
-    complete = [t for t in study.trials_run(search) if t.state == TrialState.COMPLETE]
-    ranked = sorted(complete, key=lambda t: (t.value, -t.number), reverse=True)
-    return ranked[: plan.sweep.confirm_top]
+    return study.ranked(study.trials_run(search))[: plan.sweep.confirm_top]
 
 
 def _jobs(plan: Plan, trials: list[FrozenTrial]) -> set[Job]:

@@ -268,10 +268,15 @@ def trials_run(study: optuna.Study) -> list[FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(SURPLUS_ATTR)]
 
 
+def ranked(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The complete trials, best validation accuracy first; the earliest of equals first."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    return sorted(complete, key=lambda t: (t.value, -t.number), reverse=True)
+
+
 def best(trials: list[FrozenTrial]) -> FrozenTrial | None:
     """The complete trial with the best validation accuracy; the earliest of equals."""
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    return max(complete, key=lambda t: (t.value, -t.number), default=None)
+    return next(iter(ranked(trials)), None)
 
 
 def outcome(plan: Plan) -> Outcome:
