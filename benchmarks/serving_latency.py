@@ -10,6 +10,7 @@ connection, as a client would, and prints p50/p95 latency and images per second 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the shared toolbox
 import requests
-from helpers import free_port, local_env, running
+from helpers import local_env, model_server_command, running
 from score_server import split_body
 
 
@@ -63,13 +64,10 @@ def main() -> None:
         for i in range(0, args.requests * args.batch, args.batch)
         if i + args.batch <= len(contents)
     ][: args.requests // 3]
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", args.model_uri,
-               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
+    command = functools.partial(model_server_command, args.model_uri)
     log = Path(tempfile.mkdtemp(prefix="serving-latency-")) / "serve.log"
-    server = running(command, local_env(), f"{url}/ping", log, seconds=180)
-    with server, requests.Session() as session:
+    server = running(command, local_env(), "/ping", log, seconds=180)
+    with server as url, requests.Session() as session:
         timed_requests(session, url, single[:20] + batches[:3])  # warm up
         report("1 image a request", *timed_requests(session, url, single), len(single))
         latencies, total = timed_requests(session, url, batches)

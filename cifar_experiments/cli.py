@@ -73,6 +73,9 @@ def cli() -> None:
     package_log = logging.getLogger("cifar_experiments")
     package_log.addHandler(handler)
     package_log.setLevel(logging.INFO)
+    from .tracking.outage import show_retries
+
+    show_retries()
 
 
 @cli.command(epilog=recipes_epilog(), context_settings=MLPROJECT_SPELLING)

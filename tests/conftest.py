@@ -25,6 +25,14 @@ from helpers import (
 from cifar_experiments.cli import cli
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist's `--dist loadgroup`, a module's tests run on one worker, which makes
+    its module fixtures once, and all of tests/team on one, which starts the team's stack once."""
+    for item in items:
+        group = "team" if "team" in item.keywords else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(autouse=True)
 def tracking_store(tmp_path_factory, monkeypatch):
     """A fresh SQLite store per test, run from its folder (where MLflow puts artifacts and

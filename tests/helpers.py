@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import mlflow
 import numpy as np
@@ -32,6 +33,7 @@ from cifar_experiments import callbacks, data
 from cifar_experiments.predictions import Predictions
 from cifar_experiments.sweep import parent_run
 
+T = TypeVar("T")
 CLASSES = ("cat", "dog", "frog")
 TRAIN_PER_CLASS = 10
 TEST_PER_CLASS = 4
@@ -131,7 +133,7 @@ def answers(url: str) -> bool:
     """Whether `url` answers with success (a model server answers 404 until its model loads)."""
     try:
         return requests.get(url, timeout=2).ok
-    except requests.ConnectionError:
+    except (requests.ConnectionError, requests.Timeout):  # not up yet, or not ours to answer
         return False
 
 
@@ -160,24 +162,66 @@ def stop_group(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
         process.wait()
 
 
+class PortTaken(RuntimeError):
+    """A server found its port taken: another process bound it after free_port let it go."""
+
+
+# How uvicorn, gunicorn, werkzeug and PostgreSQL say the port they were given is taken.
+ADDRESS_IN_USE = re.compile(r"address already in use|connection in use|could not bind", re.I)
+
+
+def on_a_free_port(start: Callable[[int], T], attempts: int = 5) -> T:
+    """`start(port)` on a loopback port free a moment ago. The number is only a guess once
+    free_port's socket closes, so a start that raises PortTaken is tried on another."""
+    for _ in range(attempts - 1):
+        with contextlib.suppress(PortTaken):
+            return start(free_port())
+    return start(free_port())
+
+
+def until_healthy(
+    process: subprocess.Popen, what: str, health_url: str, log_path: Path, since: int = 0,
+    seconds: float = 120,
+) -> None:  # fmt: skip
+    """Return once the server `process` answers `health_url`; else stop it and raise PortTaken
+    or, for any other early exit or no answer in time, RuntimeError with its log (from byte
+    `since`)."""
+    try:
+        wait_until(lambda: answers(health_url), what, process, seconds)
+    except RuntimeError as error:
+        stop_group(process)
+        said = log_path.read_bytes()[since:].decode(errors="replace")
+        kind = PortTaken if ADDRESS_IN_USE.search(said) else RuntimeError
+        raise kind(f"{error}: {said[-3000:]}") from None
+
+
+def size_of(log_path: Path) -> int:
+    """Where a log that a restarted server appends to ends now: its next start's words begin."""
+    return log_path.stat().st_size if log_path.exists() else 0
+
+
 @contextlib.contextmanager
 def running(
-    command: list[str], env: dict[str, str], health_url: str, log_path: Path,
+    command: Callable[[int], list[str]], env: dict[str, str], health_path: str, log_path: Path,
     seconds: float = 120,
-) -> Iterator[subprocess.Popen]:  # fmt: skip
-    """Start a server (its output in `log_path`), wait until `health_url` answers, and stop it
-    with its workers after the block."""
-    with log_path.open("a") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)  # fmt: skip
-        try:
-            try:
-                wait_until(lambda: answers(health_url), command[2], process, seconds)
-            except RuntimeError as error:
-                raise RuntimeError(f"{error}: {log_path.read_text()[-3000:]}") from None
-            yield process
-        finally:
-            stop_group(process)
+) -> Iterator[str]:  # fmt: skip
+    """A server started by `command(port)` on a free loopback port (its output in `log_path`):
+    its URL once `health_path` answers, for the block; then it stops with its workers."""
+
+    def start(port: int) -> tuple[subprocess.Popen, str]:
+        args, url = command(port), f"http://127.0.0.1:{port}"
+        since = size_of(log_path)
+        with log_path.open("a") as log:
+            process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)  # fmt: skip
+        until_healthy(process, " ".join(args[:3]), url + health_path, log_path, since, seconds)
+        return process, url
+
+    process, url = on_a_free_port(start)
+    try:
+        yield url
+    finally:
+        stop_group(process)
 
 
 class _StandIn(http.server.BaseHTTPRequestHandler):
@@ -221,15 +265,18 @@ def stand_in_server(answer: tuple[int, str, bytes] | None) -> Iterator[str]:
 NO_PICKLES = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
 
 
-def serve(model_uri: str, tracking_uri: str, log_path: Path) -> tuple[str, Iterator[None]]:
-    """`mlflow models serve` of `model_uri` on a free loopback port: its URL, and the context
-    in which it runs. It runs as a careful team serves: no pickled code may load."""
-    port = free_port()
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
-               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+def serve(
+    model_uri: str, tracking_uri: str, log_path: Path
+) -> contextlib.AbstractContextManager[str]:
+    """`mlflow models serve` of `model_uri` on a free loopback port: its URL, for the block. It
+    runs as a careful team serves: no pickled code may load."""
     env = local_env(MLFLOW_TRACKING_URI=tracking_uri, **NO_PICKLES)
-    return url, running(command, env, f"{url}/ping", log_path)
+    return running(lambda port: model_server_command(model_uri, port), env, "/ping", log_path)
+
+
+def model_server_command(model_uri: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+            "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
 
 
 def post(url: str, body: bytes | dict, content_type: str = "application/json") -> tuple[int, dict]:

@@ -1,7 +1,9 @@
 """The training loop: curves with steps, the kept epoch, exact resumption, the recipe's parts."""
 
+import re
 import signal
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from cifar_experiments.interrupts import Interrupted, StopRequests
 
 CLASSES = ("r", "g", "b")
 CPU = engine.Runtime.resolve("cpu")
+CPUINFO = Path("/proc/cpuinfo")
 
 
 def train(config: TrainConfig, train_per_class: int = 8, callbacks=(), runtime=CPU):
@@ -178,9 +181,21 @@ def test_batch_norm_parameters_get_the_models_learning_rate_scale():
 def test_bf16_is_used_only_where_asked_or_native():
     assert engine.Runtime.resolve("cpu", "fp32").bf16 is False
     assert engine.Runtime.resolve("cpu", "bf16").bf16 is True
-    capabilities = torch.cpu.get_capabilities()
-    native = capabilities.get("avx512_bf16", False) or capabilities.get("amx_bf16", False)
-    assert engine.Runtime.resolve("cpu", "auto").bf16 is bool(native)
+    # The kernel's word for this CPU, not torch's: bf16 units are the flags avx512_bf16 (AMD
+    # EPYC, Intel Cooper Lake on) and amx_bf16 (Intel Sapphire Rapids on).
+    flags = set(re.search(r"^flags\s*:(.*)$", CPUINFO.read_text(), re.M).group(1).split())
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert engine.Runtime.resolve("cpu", "auto").bf16 is native
+
+
+@pytest.mark.parametrize(
+    ("units", "bf16"),
+    [({"avx2": True}, False), ({"avx2": True, "avx512_bf16": True}, True),
+     ({"amx_bf16": True}, True), ({"avx512": True, "avx512_bf16": False}, False)],
+)  # fmt: skip
+def test_auto_precision_follows_the_cpus_bf16_units(monkeypatch, units, bf16):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: units)
+    assert engine.Runtime.resolve("cpu", "auto").bf16 is bf16
 
 
 class StopAtStep(RecordingTracker):

@@ -1,13 +1,19 @@
 """The house as a newcomer finds it: documentation whose links all lead somewhere, a README
 that is a landing page, modules and functions short enough to read, one reader of
-MLFLOW_RUN_ID, and tests that stand on their own toolbox, not on the benchmarks."""
+MLFLOW_RUN_ID, and tests that stand on their own toolbox (not on the benchmarks), which
+starts servers without racing other processes for ports."""
 
 from __future__ import annotations
 
 import ast
 import re
+import socket
+import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import helpers
+import requests
 from helpers import ROOT
 
 PACKAGE = ROOT / "cifar_experiments"
@@ -105,3 +111,21 @@ def test_no_test_imports_a_benchmark_script_or_another_test_module():
                 if name.split(".")[0] in forbidden:
                     imported[str(test_file.relative_to(ROOT))] = name
     assert imported == {}
+
+
+def test_a_server_whose_port_is_taken_before_it_binds_starts_on_another(tmp_path, monkeypatch):
+    """free_port's number is free only while it looks; a server that then finds it taken is
+    started again on another port, not left to fail the test."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        offered = iter([taken])
+        probe = helpers.free_port
+        monkeypatch.setattr(helpers, "free_port", lambda: next(offered, None) or probe())
+        command = lambda port: [sys.executable, "-m", "http.server", "-b", "127.0.0.1", str(port)]  # noqa: E731
+        log = tmp_path / "server.log"
+        with helpers.running(command, helpers.local_env(), "/", log) as url:
+            assert urlsplit(url).port != taken
+            assert requests.get(url, timeout=10).ok
+    assert "Address already in use" in log.read_text(), "the first start did find it taken"

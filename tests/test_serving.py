@@ -15,7 +15,6 @@ from helpers import (
     ROOT,
     assert_labels,
     b64,
-    free_port,
     local_env,
     post,
     running,
@@ -29,8 +28,7 @@ def server(finished_run, tmp_path_factory):
     """The registered champion (the finished run's model) behind `mlflow models serve`."""
     _, client, _ = finished_run
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    url, process = serve("models:/cifar10-classifier@champion", client.tracking_uri, log)
-    with process:
+    with serve("models:/cifar10-classifier@champion", client.tracking_uri, log) as url:
         yield url
 
 
@@ -93,24 +91,22 @@ def test_empty_batch_answers_an_empty_list(server):
 @pytest.mark.slow
 def test_train_register_and_serve_through_a_tracking_server(image_folder, tmp_path):
     """`mlflow server` on loopback: `mlflow run` registers there, and serving reads from there."""
-    port = free_port()
-    tracking_uri = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
-               str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-               "--artifacts-destination", str(tmp_path / "artifacts")]  # fmt: skip
-    env = local_env(MLFLOW_TRACKING_URI=tracking_uri)
-    with running(command, local_env(), f"{tracking_uri}/health", tmp_path / "tracking.log"):
+
+    def tracking_server(port: int) -> list[str]:
+        return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
+                str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                "--artifacts-destination", str(tmp_path / "artifacts")]  # fmt: skip
+
+    with running(tracking_server, local_env(), "/health", tmp_path / "tracking.log") as uri:
         done = subprocess.run(
             [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
              "-P", "epochs=1", "-P", "batch_size=8", "-P", f"data={image_folder}"],
-            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+            env=local_env(MLFLOW_TRACKING_URI=uri), cwd=tmp_path, capture_output=True,
+            text=True, timeout=300,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
         assert "Registered cifar10-classifier version 1; champion -> version 1" in done.stdout
-        url, model_server = serve(
-            "models:/cifar10-classifier@champion", tracking_uri, tmp_path / "serve.log"
-        )
-        with model_server:
+        with serve("models:/cifar10-classifier@champion", uri, tmp_path / "serve.log") as url:
             status, answer = post(url, {"inputs": {"image": [b64(PNG)]}})
     assert status == 200, answer
     assert_labels(answer, 1)

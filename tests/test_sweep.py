@@ -54,6 +54,9 @@ def test_a_sweep_nests_its_trials_and_registers_only_the_best(image_folder, tmp_
     assert trials[0].data.params["lr"] == "0.07", "the first trial is the recipe's"
     assert {run.data.params["batch_size"] for run in trials} == {"8"}, "fixed for every trial"
     assert all(run.outputs.model_outputs for run in trials), "each trial logs its model"
+    stored = [{f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+              for run in trials]  # fmt: skip
+    assert not [files for files in stored if "cifar_net.pth" in files], "its weights only there"
 
     # The parent: the study's settings, the best so far per trial, the best trial's run.
     assert parent.info.status == "FINISHED"

@@ -1,6 +1,8 @@
 """The MLflow tracker: what it writes, when, and how a run always ends."""
 
 import contextlib
+import logging
+import socket
 import time
 
 import mlflow
@@ -84,6 +86,24 @@ UNANSWERED = {
     "too many 503 error responses": API_FAILED + "HTTPConnectionPool(host='team', port=5000): "
     "Max retries exceeded (Caused by ResponseError('too many 503 error responses'))",
 }
+
+
+def test_each_retry_of_a_server_that_does_not_answer_is_said_in_a_line(monkeypatch, capfd):
+    """A training whose server went away waits minutes in MLflow's retries; it says so."""
+    with socket.socket() as closed:  # a port that refuses: bound, never listening
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+        mlflow.set_tracking_uri(url)
+        monkeypatch.setattr(logging.getLogger("urllib3.connectionpool"), "handlers", [])
+        outage.show_retries()
+        outage.show_retries()  # as a second command in one process: still one line a retry
+        with pytest.raises(mlflow.exceptions.MlflowException):
+            mlflow.MlflowClient().search_experiments()
+    lines = capfd.readouterr().err.splitlines()
+    said = f"The tracking server {url} did not answer (connection refused); MLflow tries again"
+    assert lines == [f"{said} (retries left: 1)", f"{said} (retries left: 0)"]
 
 
 @pytest.mark.parametrize(("reason", "message"), UNANSWERED.items(), ids=UNANSWERED)

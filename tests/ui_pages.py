@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers import free_port, local_env, running
+from helpers import local_env, running
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
@@ -49,12 +49,14 @@ def browser_missing() -> str | None:
 @contextlib.contextmanager
 def mlflow_ui(store_uri: str, log_path: Path) -> Iterator[str]:
     """`mlflow ui` on `store_uri`, on a free loopback port: its address while the block runs."""
-    url = f"http://127.0.0.1:{(port := free_port())}"
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store_uri,
-               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+
+    def command(port: int) -> list[str]:
+        return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store_uri,
+                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+
     # Its job runner (seven worker processes) serves GenAI features only.
     env = local_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    with running(command, env, f"{url}/health", log_path, seconds=180):
+    with running(command, env, "/health", log_path, seconds=180) as url:
         yield url
 
 

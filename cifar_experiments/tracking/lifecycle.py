@@ -51,9 +51,10 @@ def mlflow_run(
         ),
     )
     mark_as_training(run.info.experiment_id)
-    tracker = MlflowTracker(run.info.run_id, resumed=resume_run_id is not None)
+    child = PARENT_TAG in run.data.tags
+    tracker = MlflowTracker(run.info.run_id, resumed=resume_run_id is not None, child=child)
     mlflow.set_tag(PROCESS_TAG, f"{socket.gethostname()}:{os.getpid()}")
-    keeps = Keeping(config.keep_checkpoints, child=PARENT_TAG in run.data.tags)
+    keeps = Keeping(config.keep_checkpoints, child=child)
     try:
         with ended_as_it_goes(lambda status, error: _end(tracker, status, error, keeps)):
             yield tracker

@@ -3,11 +3,13 @@ a line that names the server, the reason and what is kept."""
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
+from .refusals import server
 from .store import TrackingError, tracking_uri
 
 
@@ -37,7 +39,7 @@ def server_lost(error: BaseException) -> bool:
     return error.message.startswith("API request to ") or error.get_http_status_code() >= 500
 
 
-def why_unanswered(error: BaseException) -> str:
+def why_unanswered(error: object) -> str:
     """The gist of an HTTP failure: MLflow's message nests urllib3's, which nests its cause."""
     message = getattr(error, "message", None) or str(error)
     for pattern in (
@@ -51,3 +53,32 @@ def why_unanswered(error: BaseException) -> str:
     if "timeout" in message.lower():
         return "no answer in time"
     return " ".join(message.split())[:200]
+
+
+class RetryLines(logging.StreamHandler):
+    """urllib3's word that MLflow's client tries a request again, because the server refused
+    or dropped the connection, said on stderr in a line a user can read: a training that waits
+    on the server says so instead of falling silent for minutes. urllib3's other records are
+    dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        said = record.args
+        if not str(record.msg).startswith("Retrying ") or not isinstance(said, tuple):
+            return False
+        retries, error = said[0], said[1]
+        left = getattr(retries, "total", None)
+        record.msg = (
+            f"The tracking server {server()} did not answer ({why_unanswered(error)}); MLflow "
+            f"tries again{f' (retries left: {left})' if isinstance(left, int) else ''}"
+        )
+        record.args = ()
+        return True
+
+
+def show_retries() -> None:
+    """Say each retry of MLflow's client in a line on stderr (this command's stderr: a command
+    run again in one process replaces the handler)."""
+    urllib3_log = logging.getLogger("urllib3.connectionpool")
+    for handler in [h for h in urllib3_log.handlers if isinstance(h, RetryLines)]:
+        urllib3_log.removeHandler(handler)
+    urllib3_log.addHandler(RetryLines())

@@ -45,8 +45,11 @@ class MlflowTracker(Tracker):
     FLUSH_SECONDS = 5.0
     run_id: str  # always a run: the base's None stands for "untracked"
 
-    def __init__(self, run_id: str, resumed: bool = False) -> None:
+    def __init__(self, run_id: str, resumed: bool = False, child: bool = False) -> None:
         self.run_id = run_id
+        # A child run (a sweep's trial, a repeat) is one of many: its weights are stored once,
+        # in its model, not again as the tutorial's cifar_net.pth.
+        self.tutorial_copy = not child
         self.checkpoint: Path | None = None
         self._pending: list[Metric] = []
         self._flushed_at = time.monotonic()
@@ -133,7 +136,8 @@ class MlflowTracker(Tracker):
         with tempfile.TemporaryDirectory() as tmp:
             weights_file = Path(tmp) / WEIGHTS_FILE
             torch.save(weights, weights_file)
-            mlflow.log_artifact(str(weights_file))
+            if self.tutorial_copy:
+                mlflow.log_artifact(str(weights_file))
             settings_file = Path(tmp) / "classifier.json"
             settings_file.write_text(json.dumps(settings))
             package = Path(__file__).parents[1]

@@ -96,9 +96,8 @@ def send_raw(url: str, head: bytes, seconds: float = 30) -> bytes:
 @pytest.fixture(scope="module")
 def served(finished_run, tmp_path_factory):
     _, client, run_id = finished_run
-    url, process = serve(f"runs:/{run_id}/model", client.tracking_uri,
-                         tmp_path_factory.mktemp("abuse") / "server.log")  # fmt: skip
-    with process:
+    log = tmp_path_factory.mktemp("abuse") / "server.log"
+    with serve(f"runs:/{run_id}/model", client.tracking_uri, log) as url:
         yield url
 
 

@@ -22,7 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import answers, free_port, local_env, stop_group, unavailable, wait_until
+from helpers import (
+    ADDRESS_IN_USE,
+    PortTaken,
+    local_env,
+    on_a_free_port,
+    running,
+    size_of,
+    stop_group,
+    unavailable,
+    until_healthy,
+)
 from team_services import ADMIN, ADMIN_PASSWORD, BUCKET, DB_PASSWORD, S3_KEYS, logged_in
 
 
@@ -52,7 +62,14 @@ class Postgres:
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1"
-        self.pg_ctl("-o", options, "-l", str(self.data / "server.log"), "start")
+        log = self.data / "server.log"
+        since = size_of(log)
+        try:
+            self.pg_ctl("-o", options, "-l", str(log), "start")
+        except subprocess.CalledProcessError:
+            said = log.read_bytes()[since:].decode(errors="replace")
+            kind = PortTaken if ADDRESS_IN_USE.search(said) else RuntimeError
+            raise kind(f"PostgreSQL did not start: {said[-3000:]}") from None
 
     def stop(self) -> None:
         self.pg_ctl("-m", "fast", "stop")
@@ -83,8 +100,13 @@ def postgres() -> Iterator[Postgres]:
     subprocess.run([*as_postgres, str(binaries / "initdb"), "-D", str(data), "-U", "postgres",
                     "--auth=scram-sha-256", f"--pwfile={password_file}"],
                    check=True, capture_output=True)  # fmt: skip
-    server = Postgres(binaries, data, free_port(), as_postgres)
-    server.start()
+
+    def start(port: int) -> Postgres:
+        server = Postgres(binaries, data, port, as_postgres)
+        server.start()
+        return server
+
+    server = on_a_free_port(start)
     try:
         for database in ("mlflow", "mlflow_users", "optuna"):
             server.create_database(database)
@@ -106,7 +128,7 @@ class Bucket:
 
         return boto3.client("s3", endpoint_url=self.endpoint, **_boto_keys())
 
-    def keys(self) -> list[str]:
+    def object_keys(self) -> list[str]:
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
         return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
@@ -114,21 +136,12 @@ class Bucket:
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory) -> Iterator[Bucket]:
     """moto's S3 server on loopback, holding the team's bucket."""
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    log = (tmp_path_factory.mktemp("s3") / "moto.log").open("w")
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    try:
-        wait_until(lambda: answers(endpoint), "moto_server", server)
+    moto = str(Path(sys.executable).parent / "moto_server")
+    with running(lambda port: [moto, "-H", "127.0.0.1", "-p", str(port)], local_env(), "/",
+                 tmp_path_factory.mktemp("s3") / "moto.log") as endpoint:  # fmt: skip
         bucket = Bucket(endpoint)
         bucket.client().create_bucket(Bucket=BUCKET)
         yield bucket
-    finally:
-        stop_group(server)
-        log.close()
 
 
 def _boto_keys() -> dict[str, str]:
@@ -148,15 +161,14 @@ class TrackingServer:
     process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        log = self.log_path.open("a")
-        self.process = subprocess.Popen(
-            self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-        try:
-            wait_until(lambda: answers(f"{self.url}/health"), "mlflow server", self.process)
-        except RuntimeError as error:
-            raise RuntimeError(f"{error}: {self.log_path.read_text()[-3000:]}") from None
+        """Start it (again: on the same port, where its members find it)."""
+        since = size_of(self.log_path)
+        with self.log_path.open("a") as log:
+            self.process = subprocess.Popen(
+                self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        until_healthy(self.process, "mlflow server", f"{self.url}/health", self.log_path, since)
 
     def kill(self) -> None:
         """Gone at once, as a crash would leave it."""
@@ -177,17 +189,12 @@ def tracking_server(postgres, s3, tmp_path_factory) -> Iterator[TrackingServer]:
     config = folder / "basic_auth.ini"
     config.write_text(
         "[mlflow]\n"
-        "default_permission = READ\n"
+        "default_permission = NO_PERMISSIONS\n"
         f"database_uri = {postgres.url('mlflow_users')}\n"
         f"admin_username = {ADMIN}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
         "auth_cache_ttl_seconds = 60\n"
     )
-    port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
-               "--backend-store-uri", postgres.url("mlflow"),
-               "--artifacts-destination", f"s3://{BUCKET}/artifacts"]  # fmt: skip
     env = local_env(
         MLFLOW_AUTH_CONFIG_PATH=str(config),
         MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN_PASSWORD,
@@ -197,8 +204,19 @@ def tracking_server(postgres, s3, tmp_path_factory) -> Iterator[TrackingServer]:
         MLFLOW_FLASK_SERVER_SECRET_KEY="team-csrf-key",
         **S3_KEYS,
     )
-    server = TrackingServer(f"http://127.0.0.1:{port}", command, env, folder / "server.log")
-    server.start()
+
+    def start(port: int) -> TrackingServer:
+        # As docs/team-server.md has it: members reach it only by the address they were given.
+        command = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
+                   "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+                   "--allowed-hosts", f"127.0.0.1:{port}",
+                   "--backend-store-uri", postgres.url("mlflow"),
+                   "--artifacts-destination", f"s3://{BUCKET}/artifacts"]  # fmt: skip
+        server = TrackingServer(f"http://127.0.0.1:{port}", command, env, folder / "server.log")
+        server.start()
+        return server
+
+    server = on_a_free_port(start)
     try:
         yield server
     finally:

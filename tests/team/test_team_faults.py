@@ -4,19 +4,33 @@ keeps its checkpoint, and the run resumes once the server is back."""
 
 from __future__ import annotations
 
+import contextlib
 import re
-import time
+from collections.abc import Callable, Iterator
 
 import mlflow
 import pytest
-from helpers import assert_every_point_once
+from helpers import assert_every_point_once, size_of, wait_until
 from team_services import Training, logged_in, run_id_of, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.team]
 
-POSTGRES_OUTAGE, SERVER_OUTAGE = 20, 10  # seconds
 EPOCHS = 6
 ARGS = ["--epochs", str(EPOCHS), "--batch-size", "2", "--log-every", "1", "--no-register"]
+# What a training says each time MLflow's client tries a request again (the server is gone).
+RETRYING = "The tracking server "
+# The server's access log line for a request it failed (HTTP 5xx).
+FAILED_REQUEST = re.compile(r'" 5\d\d ')
+
+
+@contextlib.contextmanager
+def taken_away(stop: Callable[[], None], start: Callable[[], None]) -> Iterator[None]:
+    """A service stopped for the block, and started again however the block ends."""
+    stop()
+    try:
+        yield
+    finally:
+        start()
 
 
 def test_a_training_rides_out_postgres_stopped_and_the_server_killed(
@@ -26,15 +40,20 @@ def test_a_training_rides_out_postgres_stopped_and_the_server_killed(
     training = Training(env, tmp_path, *ARGS, "--data", str(image_folder),
                         "--experiment-name", "faults")  # fmt: skip
     training.wait_for("epoch 1/")
-    postgres.stop()
-    time.sleep(POSTGRES_OUTAGE)
-    assert training.process.poll() is None, "still training, its logging held up"
-    postgres.start()
+    log, since = tracking_server.log_path, size_of(tracking_server.log_path)
+
+    def failed_requests() -> int:
+        return len(FAILED_REQUEST.findall(log.read_bytes()[since:].decode(errors="replace")))
+
+    with taken_away(postgres.stop, postgres.start):
+        # The outage lasts until the server has failed the training's request and its retry.
+        wait_until(lambda: failed_requests() >= 2, "a request failed, then retried",
+                   training.process)  # fmt: skip
     training.wait_for("epoch 3/")
-    tracking_server.kill()
-    time.sleep(SERVER_OUTAGE)
-    assert training.process.poll() is None, "still training, its logging held up"
-    tracking_server.start()
+    with taken_away(tracking_server.kill, tracking_server.start):
+        training.wait_for(RETRYING)  # the client found no server, and tries again
+        training.wait_for(RETRYING)
+        assert training.process.poll() is None, "still training, its logging held up"
     assert training.finish() == 0, training.output[-3000:]
 
     run_id = run_id_of(training.output)
@@ -55,11 +74,8 @@ def test_an_outage_longer_than_the_retries_fails_in_one_line_and_the_run_resumes
     training = Training(impatient, tmp_path, *ARGS, "--data", str(image_folder),
                         "--experiment-name", "faults")  # fmt: skip
     training.wait_for("epoch 2/")
-    tracking_server.kill()
-    try:
+    with taken_away(tracking_server.kill, tracking_server.start):
         assert training.finish() == 1
-    finally:
-        tracking_server.start()
     failure = re.fullmatch(
         rf"Error: lost the tracking server {tracking_server.url} \(connection (refused|aborted)\) "
         r"during run ([0-9a-f]{32}); its checkpoint is in (\S+)\. Once the server answers, "
