@@ -3,6 +3,7 @@ Shared functions are in helpers.py."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from helpers import (
     CLASSES,
@@ -25,12 +27,12 @@ from helpers import (
 from cifar_experiments.cli import cli
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist's `--dist loadgroup`, a module's tests run on one worker, which makes
-    its module fixtures once, and all of tests/team on one, which starts the team's stack once."""
-    for item in items:
-        group = "team" if "team" in item.keywords else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
+def pytest_configure(config: pytest.Config) -> None:
+    """A pytest-xdist worker shares the machine with another: one thread for torch here and in
+    every process it starts, as sweep workers share cores, so neither waits on the other's."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

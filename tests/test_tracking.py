@@ -7,7 +7,9 @@ import time
 
 import mlflow
 import pytest
+import torch
 
+from cifar_experiments import data
 from cifar_experiments.config import TrainConfig
 from cifar_experiments.interrupts import Interrupted
 from cifar_experiments.tracking import keys, lifecycle, links, outage, past_runs, recorder, store
@@ -86,6 +88,30 @@ UNANSWERED = {
     "too many 503 error responses": API_FAILED + "HTTPConnectionPool(host='team', port=5000): "
     "Max retries exceeded (Caused by ResponseError('too many 503 error responses'))",
 }
+
+
+def test_a_dataset_another_training_logged_meanwhile_is_linked_not_fatal(tmp_path, monkeypatch):
+    """Trainings started together log the same dataset; MLflow looks for it, then inserts it,
+    so all but one may meet the database's refusal of a second row (PostgreSQL's words here)."""
+    images = data.ImageSet(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.arange(4) % 2)
+    dataset = data.Dataset("shared", str(tmp_path), ("a", "b"), images, None)
+    log_input, raced = mlflow.log_input, []
+
+    def another_run_inserted_it_first(*args, **kwargs):
+        if not raced:
+            raced.append(True)
+            raise mlflow.exceptions.MlflowException(
+                'BAD_REQUEST: (psycopg.errors.UniqueViolation) duplicate key value violates '
+                'unique constraint "dataset_pk"'
+            )  # fmt: skip
+        return log_input(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_input", another_run_inserted_it_first)
+    monkeypatch.setattr(store.time, "sleep", lambda seconds: None)
+    with lifecycle.mlflow_run(TrainConfig(experiment_name="t")) as tracker:
+        tracker.log_dataset(dataset)
+    (logged,) = mlflow.get_run(tracker.run_id).inputs.dataset_inputs
+    assert raced and (logged.dataset.name, logged.dataset.digest) == ("shared", dataset.digest)
 
 
 def test_each_retry_of_a_server_that_does_not_answer_is_said_in_a_line(monkeypatch, capfd):

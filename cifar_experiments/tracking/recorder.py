@@ -94,7 +94,7 @@ class MlflowTracker(Tracker):
         # MLflow's Dataset marks `profile` abstract without being an ABC; MetaDataset, its class
         # for data known by name and digest only, has none.
         meta = MetaDataset(source=source, name=dataset.name, digest=dataset.digest)  # type: ignore[abstract]
-        mlflow.log_input(meta, context="training")
+        with_retries(lambda: mlflow.log_input(meta, context="training"))
 
     def on_epoch_end(self, state: TrainingState, epoch: int, metrics: dict[str, float]) -> None:
         super().on_epoch_end(state, epoch, metrics)

@@ -145,14 +145,24 @@ def _first_use_lock() -> contextlib.AbstractContextManager[object]:
     return FileLock(f"{database}.lock", timeout=300)
 
 
+# What writers at once meet: SQLite's lock (each waits only 5 s), and a row that another
+# writer inserted between MLflow's look for it and its own insert (a dataset that trainings
+# started together all log: MLflow's server then answers with the database's own refusal).
+CONTENDED = (
+    "database is locked",
+    "UNIQUE constraint failed",
+    "duplicate key value violates unique constraint",
+)
+
+
 def with_retries(call: Callable[[], T], attempts: int = 8) -> T:
-    """`call`, tried again with growing pauses while SQLite reports its database locked:
-    several trainings writing to one SQLite file take turns, and each waits only 5 s."""
+    """`call`, tried again with growing pauses while the store is contended (CONTENDED):
+    several trainings writing to one store take turns."""
     for attempt in range(attempts - 1):
         try:
             return call()
         except Exception as error:
-            if "database is locked" not in str(error):
+            if not any(sign in str(error) for sign in CONTENDED):
                 raise
             pause = 0.5 * 2**attempt * (1 + random.random())
             log.warning("The tracking store is busy; retrying in %.1f s", pause)
