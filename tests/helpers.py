@@ -190,9 +190,15 @@ def until_healthy(
         wait_until(lambda: answers(health_url), what, process, seconds)
     except RuntimeError as error:
         stop_group(process)
-        said = log_path.read_bytes()[since:].decode(errors="replace")
-        kind = PortTaken if ADDRESS_IN_USE.search(said) else RuntimeError
-        raise kind(f"{error}: {said[-3000:]}") from None
+        raise failed_start(str(error), log_path, since) from None
+
+
+def failed_start(what: str, log_path: Path, since: int) -> RuntimeError:
+    """PortTaken when the server's log (from byte `since`) says its port was taken, else a
+    RuntimeError; either says `what` and ends with the log."""
+    said = log_path.read_bytes()[since:].decode(errors="replace")
+    kind = PortTaken if ADDRESS_IN_USE.search(said) else RuntimeError
+    return kind(f"{what}: {said[-3000:]}")
 
 
 def size_of(log_path: Path) -> int:

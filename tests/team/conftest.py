@@ -23,8 +23,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (
-    ADDRESS_IN_USE,
-    PortTaken,
+    failed_start,
     local_env,
     on_a_free_port,
     running,
@@ -67,9 +66,7 @@ class Postgres:
         try:
             self.pg_ctl("-o", options, "-l", str(log), "start")
         except subprocess.CalledProcessError:
-            said = log.read_bytes()[since:].decode(errors="replace")
-            kind = PortTaken if ADDRESS_IN_USE.search(said) else RuntimeError
-            raise kind(f"PostgreSQL did not start: {said[-3000:]}") from None
+            raise failed_start("PostgreSQL did not start", log, since) from None
 
     def stop(self) -> None:
         self.pg_ctl("-m", "fast", "stop")
