@@ -76,3 +76,16 @@ class StopRequests:
                 )
             return
         raise Interrupted(self.pending or signum)
+
+
+def interruption(error: BaseException | None) -> BaseException | None:
+    """The stop request (Ctrl-C, SIGTERM) behind `error`, if any. One raised while a library was
+    at work reaches us wrapped in that library's error: MLflow's SQL store turns whatever stops
+    a write into its own internal error."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt | Interrupted):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None

@@ -66,6 +66,24 @@ def test_a_run_always_ends_with_its_status_and_reason(tmp_path, error, status, t
     assert saved.exists() == (status != "FINISHED")
 
 
+def test_ctrl_c_during_a_store_write_stops_the_run_as_ctrl_c_does(tmp_path, monkeypatch):
+    """A stop request raised inside MLflow's SQL store comes out as MLflow's internal error
+    (HTTP 500 in its words), which read as a lost server: the run was marked FAILED and a sweep
+    went on to its next trial (seen once under load)."""
+    with (
+        pytest.raises(Interrupted),
+        lifecycle.mlflow_run(TrainConfig(experiment_name="t")) as tracker,
+    ):
+        try:
+            raise Interrupted(2)
+        except Interrupted as stop:
+            raise mlflow.exceptions.MlflowException(
+                f"(raised during a write) {stop}", error_code="INTERNAL_ERROR"
+            ) from stop
+    run = mlflow.MlflowClient().get_run(tracker.run_id)
+    assert (run.info.status, run.data.tags[keys.ERROR_TAG]) == ("KILLED", "interrupted by SIGINT")
+
+
 @pytest.mark.parametrize(("keep", "kept"), [(False, False), (True, True)])
 def test_a_finished_child_run_keeps_no_checkpoint_unless_asked(tmp_path, keep, kept):
     """A sweep's trials are many: finished, they leave neither file nor artifact behind."""

@@ -16,7 +16,7 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
 from ..config import TrainConfig
-from ..interrupts import Interrupted
+from ..interrupts import Interrupted, interruption
 from .keys import CHECKPOINT_ARTIFACT_DIR, ERROR_TAG, PARENT_TAG, PROCESS_TAG
 from .outage import ServerLost, server_lost, why_unanswered
 from .recorder import MlflowTracker
@@ -72,15 +72,17 @@ def ended_as_it_goes(end: Callable[[int, BaseException | None], None]) -> Iterat
     try:
         yield
     except BaseException as error:
-        interrupted = isinstance(error, KeyboardInterrupt | Interrupted)
-        status = RunStatus.KILLED if interrupted else RunStatus.FAILED
+        stop = interruption(error)
+        status = RunStatus.KILLED if stop is not None else RunStatus.FAILED
         # The server has just failed a call after all MLflow's retries: try it once more only.
-        with one_try() if server_lost(error) else contextlib.nullcontext():
+        with one_try() if stop is None and server_lost(error) else contextlib.nullcontext():
             try:
-                end(status, error)
+                end(status, stop or error)
             except Exception as end_error:
                 log.warning("Could not mark the run %s: %s", RunStatus.to_string(status),
                             why_unanswered(end_error))  # fmt: skip
+        if stop is not None and stop is not error:
+            raise stop from None  # the stop request itself, not the library error around it
         raise
     else:
         end(RunStatus.FINISHED, None)
