@@ -3,8 +3,11 @@ Shared functions are in helpers.py."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import shutil
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,12 +38,31 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An SQLite store with MLflow's tables made, which takes MLflow about a second: each
+    test's store starts as a copy of it."""
+    path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def copy_of_store(empty: Path, root: Path) -> str:
+    """`empty` copied into `root`, as MLflow would have made it there: the one path it stores
+    is the Default experiment's artifact folder, under the folder it was made from."""
+    shutil.copyfile(empty, root / "mlflow.db")
+    with contextlib.closing(sqlite3.connect(root / "mlflow.db")) as db, db:
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                   (str(root / "mlruns" / "0"),))  # fmt: skip
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
 @pytest.fixture(autouse=True)
-def tracking_store(tmp_path_factory, monkeypatch):
+def tracking_store(tmp_path_factory, monkeypatch, empty_store):
     """A fresh SQLite store per test, run from its folder (where MLflow puts artifacts and
     training its checkpoints, by default); fails the test if it leaves a run active."""
     root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = copy_of_store(empty_store, root)
     monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("CIFAR_EXPERIMENTS_CACHE", str(root / "cache"))
@@ -107,10 +129,10 @@ def cifar_python_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def finished_run(image_folder, tmp_path_factory):
+def finished_run(image_folder, tmp_path_factory, empty_store):
     """One real training on tiny data into its own store, read by many tests."""
     folder = tmp_path_factory.mktemp("store")
-    store = f"sqlite:///{folder / 'mlflow.db'}"
+    store = copy_of_store(empty_store, folder)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
         mp.setenv("MLFLOW_TRACKING_URI", store)

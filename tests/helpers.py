@@ -129,6 +129,15 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "cifar_experiments", *args]
 
 
+def mlflow_run_command(*args: str, **params: object) -> list[str]:
+    """`mlflow run` of this project as a command for a child process: ARGS for `mlflow run`,
+    then each of PARAMS as `-P name=value`."""
+    command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", *args]
+    for name, value in params.items():
+        command += ["-P", f"{name}={value}"]
+    return command
+
+
 def answers(url: str) -> bool:
     """Whether `url` answers with success (a model server answers 404 until its model loads)."""
     try:

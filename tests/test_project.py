@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import re
 import subprocess
-import sys
 import tomllib
 
 import mlflow
 import pytest
 import yaml
-from helpers import ROOT, local_env, unavailable
+from helpers import ROOT, local_env, mlflow_run_command, unavailable
 
 from cifar_experiments.cli import train
 from cifar_experiments.config import TrainConfig
@@ -94,11 +93,8 @@ def test_ci_runs_the_readme_test_command():
 def test_mlflow_run_trains_into_the_run_it_made(image_folder, tracking_store, tmp_path):
     """End to end, as a user types it; lr spelt differently from how we would log it."""
     env = local_env(MLFLOW_TRACKING_URI=tracking_store)
-    command = [
-        sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
-        "--experiment-name", "project", "-P", "epochs=1", "-P", "lr=2e-2",
-        "-P", "batch_size=8", "-P", f"data={image_folder}", "-P", "augment=false",
-    ]  # fmt: skip
+    command = mlflow_run_command("--experiment-name", "project", epochs=1, lr="2e-2",
+                                 batch_size=8, data=image_folder, augment="false")  # fmt: skip
     done = subprocess.run(
         command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
@@ -127,8 +123,7 @@ def test_mlflow_run_trains_into_the_run_it_made(image_folder, tracking_store, tm
 @pytest.mark.slow
 def test_mlflow_run_with_a_bad_value_fails_its_run_with_the_message(tracking_store, tmp_path):
     env = local_env(MLFLOW_TRACKING_URI=tracking_store)
-    command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
-               "-P", "epochs=0"]  # fmt: skip
+    command = mlflow_run_command(epochs=0)
     done = subprocess.run(
         command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
     )

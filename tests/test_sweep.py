@@ -8,7 +8,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import mlflow
@@ -16,11 +15,11 @@ import optuna
 import pytest
 from click.testing import CliRunner
 from helpers import (
-    ROOT,
     TINY,
     all_children,
     children,
     local_env,
+    mlflow_run_command,
     only_parent,
     sweep_command,
     write_image_folder,
@@ -266,10 +265,9 @@ def test_ctrl_c_stops_the_sweep_and_the_same_command_continues_it(tmp_path, trac
 def test_mlflow_run_sweep_nests_trials_under_the_run_it_made(
     image_folder, tracking_store, tmp_path
 ):
-    command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "sweep",
-               "--env-manager", "local", "--experiment-name", "sweeps", "-P", "trials=2",
-               "-P", "epochs=1", "-P", "batch_size=8", "-P", f"data={image_folder}",
-               "-P", "confirm_top=0"]  # fmt: skip
+    command = mlflow_run_command("-e", "sweep", "--experiment-name", "sweeps", trials=2,
+                                 epochs=1, batch_size=8, data=image_folder,
+                                 confirm_top=0)  # fmt: skip
     done = subprocess.run(command, env=local_env(MLFLOW_TRACKING_URI=tracking_store),
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from helpers import ROOT, cli_command, local_env, write_image_folder
+from helpers import ROOT, cli_command, local_env, mlflow_run_command, write_image_folder
 
 from cifar_experiments import checkpoint
 
@@ -157,11 +157,9 @@ def test_interrupted_run_is_killed_checkpointed_and_resumes_to_the_twins_result(
     if launcher == "cli":
         command = train(*OPTIONS, "--data", str(data_folder), "--run-name", name, "--no-register")
     else:
-        command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local"]
-        for option in ("epochs", "batch_size", "log_every", "seed"):
-            value = OPTIONS[OPTIONS.index("--" + option.replace("_", "-")) + 1]
-            command += ["-P", f"{option}={value}"]
-        command += ["-P", f"data={data_folder}", "-P", f"run_name={name}", "-P", "register=false"]
+        same = {option: OPTIONS[OPTIONS.index("--" + option.replace("_", "-")) + 1]
+                for option in ("epochs", "batch_size", "log_every", "seed")}  # fmt: skip
+        command = mlflow_run_command(**same, data=data_folder, run_name=name, register="false")
     process = start(command, store, tmp_path)
     run_id = wait_for_first_epoch(store, name, process)
     if launcher == "cli":
