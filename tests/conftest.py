@@ -3,11 +3,8 @@ Shared functions are in helpers.py."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
-import shutil
-import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +19,9 @@ from helpers import (
     TEST_PER_CLASS,
     TINY,
     TRAIN_PER_CLASS,
+    copy_of_store,
     encode,
+    point_mlflow_at,
     synthetic_images,
     unavailable,
 )
@@ -38,6 +37,14 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with slow tests first, the quick ones after: the two workers take whole modules
+    in this order (`--no-loadscope-reorder`), so the quick ones fill in at the end whichever
+    worker is done first, instead of a long module running alone there."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # stable: each module stays together
+
+
 @pytest.fixture(scope="session")
 def empty_store(tmp_path_factory) -> Path:
     """An SQLite store with MLflow's tables made, which takes MLflow about a second: each
@@ -47,16 +54,6 @@ def empty_store(tmp_path_factory) -> Path:
     return path
 
 
-def copy_of_store(empty: Path, root: Path) -> str:
-    """`empty` copied into `root`, as MLflow would have made it there: the one path it stores
-    is the Default experiment's artifact folder, under the folder it was made from."""
-    shutil.copyfile(empty, root / "mlflow.db")
-    with contextlib.closing(sqlite3.connect(root / "mlflow.db")) as db, db:
-        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
-                   (str(root / "mlruns" / "0"),))  # fmt: skip
-    return f"sqlite:///{root / 'mlflow.db'}"
-
-
 @pytest.fixture(autouse=True)
 def tracking_store(tmp_path_factory, monkeypatch, empty_store):
     """A fresh SQLite store per test, run from its folder (where MLflow puts artifacts and
@@ -64,11 +61,10 @@ def tracking_store(tmp_path_factory, monkeypatch, empty_store):
     root = tmp_path_factory.mktemp("mlflow")
     uri = copy_of_store(empty_store, root)
     monkeypatch.chdir(root)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    point_mlflow_at(uri, monkeypatch)
     monkeypatch.setenv("CIFAR_EXPERIMENTS_CACHE", str(root / "cache"))
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    mlflow.set_tracking_uri(uri)
     yield uri
     active = mlflow.active_run()
     mlflow.end_run()
@@ -149,7 +145,5 @@ def finished_run(image_folder, tmp_path_factory, empty_store):
 @pytest.fixture
 def in_finished_store(finished_run, monkeypatch):
     """Point MLflow's fluent API at the store of `finished_run` for one test."""
-    store = finished_run[1].tracking_uri
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    mlflow.set_tracking_uri(store)
+    point_mlflow_at(finished_run[1].tracking_uri, monkeypatch)
     return finished_run

@@ -12,8 +12,10 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -115,6 +117,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def copy_of_store(empty: Path, root: Path) -> str:
+    """`empty` copied into `root`, as MLflow would have made it there: the one path it stores
+    is the Default experiment's artifact folder, under the folder it was made from."""
+    shutil.copyfile(empty, root / "mlflow.db")
+    with contextlib.closing(sqlite3.connect(root / "mlflow.db")) as db, db:
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                   (str(root / "mlruns" / "0"),))  # fmt: skip
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def point_mlflow_at(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's fluent API, and the processes a test starts, on `store` for one test."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    mlflow.set_tracking_uri(store)
 
 
 def local_env(**extra: str) -> dict[str, str]:

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 
-import mlflow
 import pytest
 from click.testing import CliRunner
-from helpers import PNG, TINY, free_port, stand_in_server
+from helpers import PNG, TINY, free_port, point_mlflow_at, stand_in_server
 
 from cifar_experiments.cli import cli
 
@@ -52,17 +51,12 @@ def no_retries(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 
 
-def track_at(monkeypatch, url: str) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-    mlflow.set_tracking_uri(url)  # over the test's own store
-
-
 @pytest.mark.parametrize(("answer", "says"), SERVERS.values(), ids=SERVERS)
 def test_train_and_compare_say_what_the_server_did_in_one_line(
     image_folder, tmp_path, monkeypatch, no_retries, answer, says
 ):
     with stand_in_server(answer) as url:
-        track_at(monkeypatch, url)
+        point_mlflow_at(url, monkeypatch)
         for name in ("train", "compare"):
             result = CliRunner().invoke(cli, commands(image_folder, tmp_path)[name])
             assert_one_line(result, url, says)
@@ -73,14 +67,14 @@ def test_every_command_says_a_failing_server_in_one_line(
     image_folder, tmp_path, monkeypatch, no_retries, command
 ):
     with stand_in_server(FAILING) as url:
-        track_at(monkeypatch, url)
+        point_mlflow_at(url, monkeypatch)
         result = CliRunner().invoke(cli, commands(image_folder, tmp_path)[command])
         assert_one_line(result, url, "failed (HTTP 500)")
 
 
 def test_a_server_that_is_not_there_is_one_line(image_folder, tmp_path, monkeypatch, no_retries):
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    track_at(monkeypatch, url)
+    point_mlflow_at(url, monkeypatch)
     for name in ("train", "compare", "register"):
         result = CliRunner().invoke(cli, commands(image_folder, tmp_path)[name])
         assert_one_line(result, url, "cannot reach")
@@ -88,7 +82,7 @@ def test_a_server_that_is_not_there_is_one_line(image_folder, tmp_path, monkeypa
 
 def test_credentials_in_the_address_are_never_said(image_folder, tmp_path, monkeypatch, no_retries):
     with stand_in_server(FAILING) as url:
-        track_at(monkeypatch, url.replace("//", "//alice:s3cret@"))
+        point_mlflow_at(url.replace("//", "//alice:s3cret@"), monkeypatch)
         result = CliRunner().invoke(cli, commands(image_folder, tmp_path)["compare"])
         assert_one_line(result, url, "failed (HTTP 500)")
         assert "s3cret" not in result.output

@@ -18,9 +18,11 @@ from helpers import (
     TINY,
     all_children,
     children,
+    copy_of_store,
     local_env,
     mlflow_run_command,
     only_parent,
+    point_mlflow_at,
     sweep_command,
     write_image_folder,
 )
@@ -206,27 +208,6 @@ def test_warmup_protects_the_first_epochs():
 
 
 @pytest.mark.slow
-def test_two_workers_share_one_study_and_the_cores(image_folder, tracking_store, tmp_path):
-    command = sweep_command(
-        image_folder, "--trials", "4", "--workers", "2", "--epochs", "2", "--confirm-seeds", "1"
-    )
-    env = local_env(MLFLOW_TRACKING_URI=tracking_store)
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    trials = children(only_parent().info.run_id)
-    assert sorted(run.data.tags[parent_run.TRIAL_TAG] for run in trials) == ["0", "1", "2", "3"]
-    processes = {run.data.tags["process"] for run in trials}
-    assert len(processes) == 2, "two worker processes shared the trials"
-    assert "[worker 0]" in done.stderr and "[worker 1]" in done.stderr
-    confirming = [
-        r for r in all_children(only_parent().info.run_id) if confirm.CONFIRM_TAG in r.data.tags
-    ]
-    assert len(confirming) == 2 and len({r.data.tags["process"] for r in confirming}) == 2
-    (version,) = mlflow.MlflowClient().search_model_versions("name = 'cifar10-classifier'")
-    assert version.run_id == only_parent().data.tags["sweep.winner_run_id"]
-
-
-@pytest.mark.slow
 def test_ctrl_c_stops_the_sweep_and_the_same_command_continues_it(tmp_path, tracking_store):
     folder = write_image_folder(tmp_path / "images", {"train": 40})
     command = sweep_command(
@@ -261,20 +242,50 @@ def test_ctrl_c_stops_the_sweep_and_the_same_command_continues_it(tmp_path, trac
     assert len(numbers) == 3 and "0" in numbers, "trial 0 was kept, not run again"
 
 
-@pytest.mark.slow
-def test_mlflow_run_sweep_nests_trials_under_the_run_it_made(
-    image_folder, tracking_store, tmp_path
-):
-    command = mlflow_run_command("-e", "sweep", "--experiment-name", "sweeps", trials=2,
-                                 epochs=1, batch_size=8, data=image_folder,
-                                 confirm_top=0)  # fmt: skip
-    done = subprocess.run(command, env=local_env(MLFLOW_TRACKING_URI=tracking_store),
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
+@pytest.fixture(scope="module")
+def project_sweep(image_folder, empty_store, tmp_path_factory):
+    """`mlflow run -e sweep` with two workers and a confirmation, once for the tests below:
+    its store, and what the command printed."""
+    root = tmp_path_factory.mktemp("project-sweep")
+    store = copy_of_store(empty_store, root)
+    command = mlflow_run_command("-e", "sweep", "--experiment-name", "sweeps", trials=4,
+                                 workers=2, epochs=2, confirm_seeds=1, batch_size=8,
+                                 data=image_folder)  # fmt: skip
+    done = subprocess.run(command, env=local_env(MLFLOW_TRACKING_URI=store), cwd=root,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+    return store, done
+
+
+@pytest.fixture
+def in_project_sweep(project_sweep, monkeypatch):
+    """MLflow's fluent API pointed at the store of `project_sweep`, for one test."""
+    store, done = project_sweep
+    point_mlflow_at(store, monkeypatch)
+    return done
+
+
+@pytest.mark.slow
+def test_mlflow_run_sweep_nests_trials_under_the_run_it_made(in_project_sweep):
     parent = only_parent()
     assert mlflow.get_experiment(parent.info.experiment_id).name == "sweeps"
     assert parent.info.run_name == "sweeps-tutorial", "named after its study, not at random"
     trials = children(parent.info.run_id)
-    assert len(trials) == 2
+    assert len(trials) == 4
     assert {run.info.experiment_id for run in trials} == {parent.info.experiment_id}
     assert parent.data.params["batch_size"] == "8"
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study_and_the_cores(in_project_sweep):
+    trials = children(only_parent().info.run_id)
+    assert sorted(run.data.tags[parent_run.TRIAL_TAG] for run in trials) == ["0", "1", "2", "3"]
+    processes = {run.data.tags["process"] for run in trials}
+    assert len(processes) == 2, "two worker processes shared the trials"
+    assert "[worker 0]" in in_project_sweep.stderr and "[worker 1]" in in_project_sweep.stderr
+    confirming = [
+        r for r in all_children(only_parent().info.run_id) if confirm.CONFIRM_TAG in r.data.tags
+    ]
+    assert len(confirming) == 2 and len({r.data.tags["process"] for r in confirming}) == 2
+    (version,) = mlflow.MlflowClient().search_model_versions("name = 'cifar10-classifier'")
+    assert version.run_id == only_parent().data.tags["sweep.winner_run_id"]

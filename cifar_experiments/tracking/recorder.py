@@ -103,8 +103,10 @@ class MlflowTracker(Tracker):
 
     def log_confusion(self, val: Evaluation, epoch: int) -> None:
         # One image per epoch under one key: the UI's image slider shows the matrix forming.
+        # Written now, not queued (MLflow's default for stepped images): a killed process loses
+        # no image, and the run's end does not wait up to a second for MLflow's queue to wake.
         figure = val.shares_figure(f"validation, epoch {epoch}")
-        mlflow.log_image(_pixels(figure), key=EPOCH_CONFUSION_KEY, step=epoch)
+        mlflow.log_image(_pixels(figure), key=EPOCH_CONFUSION_KEY, step=epoch, synchronous=True)
 
     def log_evaluation(self, split: str, evaluation: Evaluation, images: ImageSet) -> None:
         folder = f"evaluation/{split}"

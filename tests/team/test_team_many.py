@@ -9,7 +9,7 @@ import time
 import mlflow
 import optuna
 import pytest
-from helpers import assert_every_point_once
+from helpers import assert_every_point_once, point_mlflow_at
 from team_services import DB_PASSWORD, LIMIT, logged_in, start
 
 from cifar_experiments import gate
@@ -112,8 +112,7 @@ def test_eight_trainings_at_once_finish_whole_and_champion_ends_on_one_none_beat
     wall = time.monotonic() - started
     print(f"{TRAININGS} trainings at once against the server: {wall:.0f} s wall")
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.url)  # where the predictions are
-    mlflow.set_tracking_uri(tracking_server.url)
+    point_mlflow_at(tracking_server.url, monkeypatch)  # where the predictions are
     with logged_in("bob", users["bob"]):
         client = mlflow.MlflowClient(tracking_server.url)
         experiment = client.get_experiment_by_name("bobs-load")
