@@ -16,6 +16,7 @@ import torch
 from click.testing import CliRunner
 from helpers import (
     CLASSES,
+    MLFLOW_SELECTION,
     TEST_PER_CLASS,
     TINY,
     TRAIN_PER_CLASS,
@@ -63,8 +64,8 @@ def tracking_store(tmp_path_factory, monkeypatch, empty_store):
     monkeypatch.chdir(root)
     point_mlflow_at(uri, monkeypatch)
     monkeypatch.setenv("CIFAR_EXPERIMENTS_CACHE", str(root / "cache"))
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    for name in MLFLOW_SELECTION:  # a run or experiment an earlier test left selected
+        monkeypatch.delenv(name, raising=False)
     yield uri
     active = mlflow.active_run()
     mlflow.end_run()

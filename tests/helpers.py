@@ -135,11 +135,17 @@ def point_mlflow_at(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
     mlflow.set_tracking_uri(store)
 
 
+MLFLOW_SELECTION = ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+
+
 def local_env(**extra: str) -> dict[str, str]:
     """This environment with this interpreter first on PATH: `mlflow run --env-manager local`
     and `mlflow models serve --env-manager local` start plain `python`."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    return {**os.environ, "PATH": path, **extra}
+    # Not the experiment or run this process last used: `mlflow.set_experiment` leaves its id
+    # in os.environ, and a child would train there (or `mlflow run` refuse two experiments).
+    inherited = {k: v for k, v in os.environ.items() if k not in MLFLOW_SELECTION}
+    return {**inherited, "PATH": path, **extra}
 
 
 def cli_command(*args: str) -> list[str]:
@@ -296,6 +302,9 @@ def stand_in_server(answer: tuple[int, str, bytes] | None) -> Iterator[str]:
 
 # MLflow refuses to unpickle a model under this setting; ours need nothing unpickled.
 NO_PICKLES = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
+# `mlflow server` and `mlflow ui` without their job runner (worker processes busy with GenAI
+# features only, which took 20 s of CPU under one plain server in a run of the suite).
+NO_JOBS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def serve(

@@ -10,6 +10,7 @@ import mlflow
 import pytest
 from helpers import (
     JPEG,
+    NO_JOBS,
     NO_PICKLES,
     PNG,
     assert_labels,
@@ -98,7 +99,9 @@ def test_mlflow_run_trains_and_registers_through_a_tracking_server(image_folder,
                 str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                 "--artifacts-destination", str(tmp_path / "artifacts")]  # fmt: skip
 
-    with running(tracking_server, local_env(), "/health", tmp_path / "tracking.log") as uri:
+    with running(
+        tracking_server, local_env(**NO_JOBS), "/health", tmp_path / "tracking.log"
+    ) as uri:
         done = subprocess.run(
             mlflow_run_command(epochs=1, batch_size=8, data=image_folder),
             env=local_env(MLFLOW_TRACKING_URI=uri), cwd=tmp_path, capture_output=True,

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers import local_env, running
+from helpers import NO_JOBS, local_env, running
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
@@ -54,8 +54,7 @@ def mlflow_ui(store_uri: str, log_path: Path) -> Iterator[str]:
         return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store_uri,
                 "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
 
-    # Its job runner (seven worker processes) serves GenAI features only.
-    env = local_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    env = local_env(**NO_JOBS)
     with running(command, env, "/health", log_path, seconds=180) as url:
         yield url
 

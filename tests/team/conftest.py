@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    NO_JOBS,
     failed_start,
     local_env,
     on_a_free_port,
@@ -196,7 +197,7 @@ def tracking_server(postgres, s3, tmp_path_factory) -> Iterator[TrackingServer]:
         MLFLOW_AUTH_CONFIG_PATH=str(config),
         MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN_PASSWORD,
         MLFLOW_S3_ENDPOINT_URL=s3.endpoint,
-        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+        **NO_JOBS,
         # The login pages' CSRF tokens are signed with it; every worker must share it.
         MLFLOW_FLASK_SERVER_SECRET_KEY="team-csrf-key",
         **S3_KEYS,

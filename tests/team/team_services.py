@@ -9,8 +9,12 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import click.testing
 import pytest
-from helpers import cli_command
+from click.testing import CliRunner
+from helpers import cli_command, point_mlflow_at
+
+from cifar_experiments.cli import cli
 
 ADMIN, ADMIN_PASSWORD = "admin", "team-admin-password-1"
 DB_PASSWORD = "pg-secret-7"
@@ -27,6 +31,15 @@ def logged_in(username: str, password: str) -> Iterator[None]:
         patch.setenv("MLFLOW_TRACKING_USERNAME", username)
         patch.setenv("MLFLOW_TRACKING_PASSWORD", password)
         yield
+
+
+def refused_here(env: dict[str, str], *args: str) -> click.testing.Result:
+    """`cifar-experiments <args>` run in this process as `env`'s member runs it, for commands
+    the server refuses before any training: a process of their own would spend its seconds
+    importing torch and MLflow. A traceback would leave `exception` other than SystemExit."""
+    with pytest.MonkeyPatch.context() as patch:
+        point_mlflow_at(env["MLFLOW_TRACKING_URI"], patch)
+        return CliRunner().invoke(cli, list(args), env=env)
 
 
 def start(env: dict[str, str], cwd: Path, *args: str) -> subprocess.Popen:

@@ -30,6 +30,7 @@ from team_services import (
     S3_KEYS,
     Training,
     logged_in,
+    refused_here,
     run_id_of,
     train,
 )
@@ -114,13 +115,13 @@ def test_a_login_the_server_refuses_is_one_line_without_the_password(
     tracking_server, users, image_folder, tmp_path, user
 ):
     env = tracking_server.user_env(user, "not-a-password-of-theirs")
-    done = train(env, tmp_path, *TINY, "--data", str(image_folder))
-    assert done.returncode == 1
+    done = refused_here(env, "train", *TINY, "--data", str(image_folder))
+    assert done.exit_code == 1 and isinstance(done.exception, SystemExit)
     assert done.stderr.strip() == (
         f"Error: the tracking server {tracking_server.url} refused the login of {user!r}: check "
         "MLFLOW_TRACKING_PASSWORD"
     )
-    assert "not-a-password-of-theirs" not in done.stdout + done.stderr
+    assert "not-a-password-of-theirs" not in done.output
 
 
 def test_read_only_members_are_refused_before_any_data_until_granted_edit(
@@ -137,8 +138,8 @@ def test_read_only_members_are_refused_before_any_data_until_granted_edit(
     bob = tracking_server.user_env("bob", users["bob"])
     missing = tmp_path / "not-read-yet"
     missing.mkdir()  # an empty folder: reading it would fail, and it is never read
-    done = train(bob, tmp_path, *TINY, "--data", str(missing), "--experiment-name", "alices")
-    assert done.returncode == 1
+    done = refused_here(bob, "train", *TINY, "--data", str(missing), "--experiment-name", "alices")
+    assert done.exit_code == 1 and isinstance(done.exception, SystemExit)
     assert done.stderr.strip() == (
         f"Error: bob may not add runs to experiment 'alices' on {tracking_server.url}: that "
         "needs EDIT permission on it, which its owner or an admin can grant"
@@ -204,9 +205,8 @@ def test_a_member_with_no_permission_gets_one_line_from_every_command(
         "predict": ["predict", str(image), "--model", "models:/alices-private-model@champion"],
     }  # fmt: skip
     for name, args in commands.items():
-        done = subprocess.run(cli_command(*args), env=bob, cwd=tmp_path, capture_output=True,
-                              text=True, timeout=300)  # fmt: skip
+        done = refused_here(bob, *args)
         errors = [line for line in done.stderr.splitlines() if line.startswith("Error")]
-        assert done.returncode != 0 and len(errors) == 1, (name, done.stderr[-3000:])
-        assert "Traceback" not in done.stderr, (name, done.stderr[-3000:])
+        assert done.exit_code != 0 and len(errors) == 1, (name, done.output[-3000:])
+        assert isinstance(done.exception, SystemExit), (name, repr(done.exception))
         assert "bob" in errors[0] and tracking_server.url in errors[0], (name, errors[0])
