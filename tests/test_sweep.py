@@ -39,9 +39,16 @@ def run_sweep(*args: str):
     return CliRunner().invoke(cli, ["sweep", *args], catch_exceptions=False)
 
 
-def test_a_sweep_nests_its_trials_and_registers_only_the_best(image_folder, tmp_path):
+def test_a_sweep_nests_its_trials_and_registers_only_the_best(image_folder, tmp_path, monkeypatch):
     space = tmp_path / "space.yaml"
     space.write_text("lr: {low: 0.001, high: 0.3, log: true}\nmomentum: [0.8, 0.9]\n")
+    drawings, draw = [], parent_run.draw
+
+    def counted(*args) -> None:
+        drawings.append(args)
+        draw(*args)
+
+    monkeypatch.setattr(parent_run, "draw", counted)
     result = run_sweep("--trials", "3", "--space", str(space), "--data", str(image_folder),
                        "--confirm-top", "0", *TINY)  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -75,6 +82,7 @@ def test_a_sweep_nests_its_trials_and_registers_only_the_best(image_folder, tmp_
     plots = mlflow.MlflowClient().list_artifacts(parent.info.run_id, "plots")
     assert {f.path for f in plots} >= {"plots/optimization_history.png",
                                        "plots/param_importances.png"}  # fmt: skip
+    assert len(drawings) == 1, "a sweep shorter than a minute draws its plots once, at its end"
 
     # Trials do not register; the sweep registers its best, once.
     (version,) = mlflow.MlflowClient().search_model_versions("name = 'cifar10-classifier'")

@@ -1,6 +1,7 @@
 """The parent run's view of a sweep: its settings and description when the study is made;
-after each trial the best so far (a metric with step = trial number, tags naming the trial),
-the table of trials and Optuna's plots. And the tags that nest each trial's run under it."""
+after each trial the best so far (a metric with step = trial number, tags naming the trial)
+and the table of trials; Optuna's plots when asked (workers.py says when). And the tags that
+nest each trial's run under it."""
 
 from __future__ import annotations
 
@@ -74,12 +75,23 @@ def record(
         tags.update({f"best.{name}": str(value) for name, value in best.params.items()})
         for key, value in tags.items():
             client.set_tag(parent, key, value)
+    numbers = {t.number for t in trials}
+    table = study.trials_dataframe()
+    _log_files(parent, lambda folder: table[table["number"].isin(numbers)].to_csv(
+        folder / "trials.csv", index=False))  # fmt: skip
+
+
+def draw(parent: str, study: optuna.Study, trials: list[FrozenTrial]) -> None:
+    """Optuna's plots of the study's `trials` (those that count), over those drawn before."""
+    complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    _log_files(parent, lambda folder: _plots(study, complete, folder / "plots"))
+
+
+def _log_files(parent: str, write: Callable[[Path], Any]) -> None:
+    """What `write` puts in a folder, logged to the parent run at the same paths."""
+    client = mlflow.MlflowClient()
     with tempfile.TemporaryDirectory() as tmp:
-        numbers = {t.number for t in trials}
-        table = study.trials_dataframe()
-        table[table["number"].isin(numbers)].to_csv(Path(tmp) / "trials.csv", index=False)
-        complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
-        _plots(study, complete, Path(tmp) / "plots")
+        write(Path(tmp))
         # File by file: workers record at the same moment, and MLflow's local store copies a
         # folder by checking, then making, each subfolder (the slower worker's make fails).
         for path in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):

@@ -31,6 +31,9 @@ from .study import FAILURE_ATTR, SURPLUS_ATTR, Outcome, Plan, SweepError
 
 log = logging.getLogger(__name__)
 
+# Optuna's plots are redrawn as trials end at most this often (1 to 2 s of CPU each time).
+PLOTS_EVERY_SECONDS = 60.0
+
 Work = Callable[[Plan, int, StopRequests], None]
 
 
@@ -42,6 +45,7 @@ def run(plan: Plan, stop: StopRequests) -> Outcome:
     with lifecycle.holding(plan.parent_run_id):
         _on_workers(work, plan, stop)
         outcome = study.outcome(plan)
+        _draw(plan)
         if plan.sweep.confirm_top and confirm.queue(plan):
             _on_workers(confirming, plan, stop)
             outcome = dataclasses.replace(outcome, verdict=confirm.decide(plan))
@@ -85,7 +89,7 @@ def work(plan: Plan, worker: int, stop: StopRequests) -> None:
             return False
         return True
 
-    _trials(optuna_study, objective, stop, more, lambda s, trial: _record(plan, s, trial))
+    _trials(optuna_study, objective, stop, more, _Reporter(plan))
 
 
 def confirming(plan: Plan, worker: int, stop: StopRequests) -> None:
@@ -115,18 +119,36 @@ def _trials(
         study.fail_stale(optuna_study)
         if not more():
             break
-        optuna_study.optimize(objective, n_trials=1, gc_after_trial=True, callbacks=list(callbacks))
+        optuna_study.optimize(objective, n_trials=1, callbacks=list(callbacks))
         if objective.interruption is not None:
             raise objective.interruption
 
 
-def _record(plan: Plan, optuna_study: optuna.Study, finished: optuna.trial.FrozenTrial) -> None:
-    if finished.user_attrs.get(SURPLUS_ATTR):
-        return
-    trials = study.trials_run(optuna_study)
-    parent_run.record(
-        plan.parent_run_id, optuna_study, trials, study.best(trials), step=finished.number
-    )
+class _Reporter:
+    """Brings the parent run up to date as each of a worker's trials ends: the best so far and
+    the table every time; Optuna's plots at most every PLOTS_EVERY_SECONDS, as drawing them
+    takes longer than a tiny trial (the search's end draws them once more, `_draw`)."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.drawn_at = time.monotonic()
+
+    def __call__(self, optuna_study: optuna.Study, finished: optuna.trial.FrozenTrial) -> None:
+        if finished.user_attrs.get(SURPLUS_ATTR):
+            return
+        trials = study.trials_run(optuna_study)
+        parent = self.plan.parent_run_id
+        parent_run.record(parent, optuna_study, trials, study.best(trials), step=finished.number)
+        if time.monotonic() - self.drawn_at >= PLOTS_EVERY_SECONDS:
+            parent_run.draw(parent, optuna_study, trials)
+            self.drawn_at = time.monotonic()
+
+
+def _draw(plan: Plan) -> None:
+    """Optuna's plots of the whole search, on the parent run."""
+    optuna_study = optuna.load_study(study_name=plan.study_name,
+                                     storage=study.rdb_storage(plan.storage))  # fmt: skip
+    parent_run.draw(plan.parent_run_id, optuna_study, study.trials_run(optuna_study))
 
 
 class Pruning(engine.Callback):
