@@ -121,7 +121,7 @@ def queue(plan: Plan) -> bool:
     any more (those of stopped machines are failed after Optuna's grace period). Jobs queued
     before and still queued, running or done are not queued again. False when fewer than two
     trials completed: there is nothing to confirm."""
-    top = _top(plan, _ended(_search(plan)))
+    top = _top(plan, _ended(study.search(plan)))
     if len(top) < 2:
         log.warning("%d trial(s) completed: nothing to confirm", len(top))
         return False
@@ -152,14 +152,14 @@ def job_of(trial: optuna.Trial | FrozenTrial) -> Job | None:
 
 def setting(plan: Plan, job: Job) -> dict[str, Any]:
     """The searched values of the job's trial, with the job's seed."""
-    (trial,) = [t for t in _search(plan).get_trials(deepcopy=False) if t.number == job.trial]
+    (trial,) = [t for t in study.search(plan).get_trials(deepcopy=False) if t.number == job.trial]
     return {**trial.params, "seed": job.seed}
 
 
 def decide(plan: Plan) -> Verdict | None:
     """Once every job has ended (on every machine), judge the confirmed settings and record
     the verdict on the parent run, as tags and confirmation.json."""
-    top = _top(plan, _search(plan))
+    top = _top(plan, study.search(plan))
     confirmed = _confirmed_runs(plan, top)
     searched = {t.number: t.user_attrs[parent_run.RUN_ATTR] for t in top}
     runs = [run for ids in confirmed.values() for run in ids] + list(searched.values())
@@ -214,10 +214,6 @@ def _confirmed_runs(plan: Plan, top: list[FrozenTrial]) -> dict[int, list[str]]:
         t.number: [runs[j] for j in sorted(_jobs(plan, [t]), key=lambda j: j.seed) if j in runs]
         for t in top
     }
-
-
-def _search(plan: Plan) -> optuna.Study:
-    return optuna.load_study(study_name=plan.study_name, storage=study.rdb_storage(plan.storage))
 
 
 def _ended(optuna_study: optuna.Study) -> optuna.Study:

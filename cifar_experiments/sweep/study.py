@@ -279,8 +279,13 @@ def best(trials: list[FrozenTrial]) -> FrozenTrial | None:
     return next(iter(ranked(trials)), None)
 
 
+def search(plan: Plan) -> optuna.Study:
+    """The plan's search study, as stored (its trials so far)."""
+    return optuna.load_study(study_name=plan.study_name, storage=rdb_storage(plan.storage))
+
+
 def outcome(plan: Plan) -> Outcome:
-    study = optuna.load_study(study_name=plan.study_name, storage=rdb_storage(plan.storage))
+    study = search(plan)
     trials = trials_run(study)
     states = Counter(
         "failed" if t.state == TrialState.FAIL and FAILURE_ATTR in t.user_attrs

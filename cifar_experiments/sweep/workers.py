@@ -146,8 +146,7 @@ class _Reporter:
 
 def _draw(plan: Plan) -> None:
     """Optuna's plots of the whole search, on the parent run."""
-    optuna_study = optuna.load_study(study_name=plan.study_name,
-                                     storage=study.rdb_storage(plan.storage))  # fmt: skip
+    optuna_study = study.search(plan)
     parent_run.draw(plan.parent_run_id, optuna_study, study.trials_run(optuna_study))
 
 
