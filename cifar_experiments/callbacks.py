@@ -152,10 +152,12 @@ class Checkpointing(Callback):
 
     Before each save the tracker flushes, so that the curves on record always reach as far as
     the checkpoint: a run resumed from it after a kill -9 then has no gap.
+
+    Under torchrun every rank stops at the same step, and rank 0 alone has a `file` to save to.
     """
 
     def __init__(
-        self, file: CheckpointFile, tracker: Tracker, stop: StopRequests | None = None
+        self, file: CheckpointFile | None, tracker: Tracker, stop: StopRequests | None = None
     ) -> None:
         self.file, self.tracker, self.stop = file, tracker, stop
 
@@ -169,12 +171,17 @@ class Checkpointing(Callback):
         self._stop_if_asked(state, saved=True)
 
     def _stop_if_asked(self, state: TrainingState, saved: bool = False) -> None:
-        if self.stop is None or self.stop.pending is None:
+        pending = self.stop.agreed() if self.stop is not None else None
+        if pending is None:
             return
         if not saved:
+            # Mid-epoch, the epoch's sums so far are every rank's.
+            state.sums.summed_over(state.world)
             self._save(state)
-        raise Interrupted(self.stop.pending, checkpointed=True)
+        raise Interrupted(pending, checkpointed=True)
 
     def _save(self, state: TrainingState) -> None:
+        if self.file is None:
+            return
         self.tracker.flush()
         self.file.save(state.state_dict())

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shlex
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +19,6 @@ from .cli_options import (
     MLPROJECT_SPELLING,
     OrEmpty,
     given,
-    hint,
     options_of,
     recipes_epilog,
     refusals_as_option_errors,
@@ -37,9 +34,7 @@ from .config import (
 from .tracking import project_run as mlflow_project
 
 if TYPE_CHECKING:
-    from .experiment import Prepared
     from .interrupts import Interrupted, StopRequests
-    from .registry import RegistrationFailed
 
 
 class _Cli(click.Group):
@@ -89,50 +84,59 @@ def cli() -> None:
     "their defaults take the run's values; others must match, but --data may move and "
     "--device may change).",
 )
+@click.option(
+    "--nproc-per-node",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Processes that train the model together on this machine, with PyTorch's "
+    "DistributedDataParallel (torchrun --standalone): each takes its share of every batch of "
+    "--batch-size. For several machines, start torchrun yourself (see the README).",
+)
 @options_of(TrainConfig)
 @options_of(RepeatConfig)
 @click.pass_obj
-def train(project_run: str | None, resume: str | None, **options: Any) -> None:
+def train(project_run: str | None, resume: str | None, nproc_per_node: int, **options: Any) -> None:
     """Train a classifier and record everything in MLflow.
 
     Ends with the run ID, the test accuracy and the command that opens the MLflow UI. Ctrl-C
     or SIGTERM stops it after the current step, saves a checkpoint, marks the run KILLED and
     prints the command that resumes it. With --repeats, trains several seeds as child runs of
     one parent, which sums them up.
+
+    Under torchrun every process runs this command: rank 0 records the one run, and the others
+    train with it.
     """
-    from . import cli_messages as say
-    from . import experiment, interrupts, registry
-    from .callbacks import TrainingDiverged
-    from .checkpoint import CheckpointError
-    from .tracking.outage import ServerLost
+    from . import cli_training
+    from .distributed import World
 
     asked = {f.name: options.pop(f.name) for f in dataclasses.fields(RepeatConfig)}
     with refusals_as_option_errors():
         repeat = RepeatConfig(**asked)
+    world = World.from_environment()
     if repeat.repeats > 1:
+        if nproc_per_node > 1 or world.distributed:
+            raise click.BadParameter("repeats train one process each; leave out --repeats "
+                                     "or torchrun", param_hint="'--repeats'")  # fmt: skip
         _train_repeats(repeat, resume, options, project_run)
         return
-    with interrupts.StopRequests().installed() as stop:
-        try:
-            prepared = _prepare(resume, options, project_run)
-            if prepared is None:
-                return
-            summary = experiment.train(prepared, stop, project_run=project_run)
-        # A disk that filled up during training, or a loss that became NaN.
-        except (CheckpointError, TrainingDiverged) as error:
-            raise click.ClickException(f"{error}; the run is marked FAILED") from None
-        except interrupts.Interrupted as interruption:
-            click.echo(say.interrupted(interruption, project_run), err=True)
-            sys.exit(interruption.exit_code)
-        except KeyboardInterrupt:  # Ctrl-C where no handler could be installed (not main thread)
-            click.echo("Interrupted.", err=True)
-            sys.exit(interrupts.Interrupted(signal.SIGINT).exit_code)
-        except ServerLost as lost:
-            raise click.ClickException(say.server_lost(lost, project_run)) from None
-        except registry.RegistrationFailed as failure:
-            _registration_failed(failure, project_run, say.echo_summary)
+    if nproc_per_node > 1 and world.launch is None:
+        from .distributed import launch
+
+        mlflow_project.hand_on(project_run)  # for rank 0 to train in
+        sys.exit(launch(nproc_per_node, sys.argv[1:]))
+    world.join(options["device"])
+    try:
+        if not world.main:
+            cli_training.follow(world)
             return
-    say.echo_summary(summary)
+        if world.restart and resume is None:  # torchrun restarted the group: go on with its run
+            from .tracking.past_runs import launched_as
+
+            resume = project_run or launched_as(world.launch or "")
+        cli_training.train_one(resume, options, project_run, world)
+    finally:
+        world.leave()
 
 
 def _train_repeats(
@@ -140,12 +144,14 @@ def _train_repeats(
 ) -> None:
     """Several seeds of one setting, as child runs of one parent (repeats.py)."""
     from . import cli_messages as say
-    from . import processes, repeats
+    from . import cli_training, processes, repeats
 
     if resume is not None:
         raise click.BadParameter("repeats are not resumed; resume a child run on its own",
                                  param_hint="'--resume'")  # fmt: skip
-    prepared = _prepare(None, options, project_run)  # every check, before the parent exists
+    prepared = cli_training.prepare(
+        None, options, project_run
+    )  # every check, before the parent exists
     assert prepared is not None, "a new training always has something to do"
     plan = repeats.plan(prepared.config, repeat.repeats, repeat.workers, project_run)
 
@@ -169,6 +175,7 @@ def _carry_out(
     stop is said by `stopped` and exits with the signal's status; `failures` are said in one
     line; a registration that failed after the work finished is said with its retry."""
     from . import interrupts, registry
+    from .cli_messages import registration_failed
 
     with interrupts.StopRequests().installed() as stop:
         try:
@@ -179,64 +186,9 @@ def _carry_out(
         except failures as error:
             raise click.ClickException(str(error)) from None
         except registry.RegistrationFailed as failure:
-            _registration_failed(failure, project_run, echo)
+            registration_failed(failure, project_run, echo)
             return
     echo(outcome)
-
-
-def _prepare(
-    resume: str | None, options: dict[str, Any], project_run: str | None
-) -> Prepared | None:
-    """Options -> a checked config, loaded data and, for --resume, the saved state; or None
-    when there is nothing to do. Every refusal here is a usage error and makes no run."""
-    from . import experiment
-    from .cli_messages import resume_command
-    from .engine import Runtime
-    from .tracking.store import TrackingError
-
-    resumption = None
-    try:
-        with refusals_as_option_errors():
-            if resume is not None:
-                if project_run not in (None, resume):
-                    raise experiment.ResumeError(
-                        f"`mlflow run` made a new run ({project_run}) for this; resume the old "
-                        f"one in place with: {resume_command(resume, project=True)}"
-                    )
-                planned = experiment.plan_resume(resume, options)
-                if planned is None:
-                    click.echo(f"Run {resume} has already finished; there is nothing to resume.")
-                    return None
-                config, resumption = planned
-            else:
-                # A recipe may differ by device (CUDA_RECIPES), so "auto" is settled first.
-                device = Runtime.resolve(options["device"]).device.type
-                experiment_name = _experiment_chosen(options["experiment_name"], project_run)
-                config = TrainConfig(
-                    **{**options, "device": device, "experiment_name": experiment_name}
-                )
-            return experiment.prepare(config, resumption)
-    except (experiment.ResumeError, TrackingError) as error:
-        if resume is None:
-            raise click.ClickException(str(error)) from None
-        raise click.BadParameter(str(error), param_hint="'--resume'") from None
-
-
-def _experiment_chosen(asked: str, project_run: str | None) -> str:
-    """The experiment a new run goes in: `mlflow run` has chosen it already, and another one
-    asked for as a parameter would be logged beside a run that is not in it."""
-    if project_run is None:
-        return asked
-    from .tracking.store import experiment_of
-
-    chosen = experiment_of(project_run)
-    if given(click.get_current_context(), "experiment_name") and asked != chosen:
-        raise click.BadParameter(
-            f"`mlflow run` put this run in experiment {chosen!r}; choose the experiment with "
-            f"`mlflow run --experiment-name {shlex.quote(asked)}` instead",
-            param_hint=hint("experiment_name"),
-        )
-    return chosen
 
 
 @cli.command(context_settings=MLPROJECT_SPELLING)
@@ -269,22 +221,6 @@ def sweep(project_run: str | None, **options: Any) -> None:
         lambda interruption: say.sweep_interrupted(interruption, plan, project_run),
         study.SweepError, project_run,
     )  # fmt: skip
-
-
-def _registration_failed(
-    failure: RegistrationFailed, project_run: str | None, echo: Callable[[Any], None]
-) -> None:
-    """The training, repeats or sweep finished (`echo` says how), but registering its model
-    failed: say so, with the command that retries. `mlflow run` marks its run FAILED whenever
-    we exit non-zero, and the run did finish: there the error is said, not signalled."""
-    from .cli_messages import registration_failed
-
-    echo(failure.result)
-    message = registration_failed(failure)
-    if project_run is not None:
-        click.echo(f"Error: {message}", err=True)
-        return
-    raise click.ClickException(message)
 
 
 @cli.command(context_settings=MLPROJECT_SPELLING)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import shlex
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -110,12 +111,22 @@ def echo_registration(registration: Registration) -> None:
     )
 
 
-def registration_failed(failure: RegistrationFailed) -> str:
+def registration_failed(
+    failure: RegistrationFailed, project_run: str | None, echo: Callable[[Any], None]
+) -> None:
+    """The training, repeats or sweep finished (`echo` says how), but registering its model
+    failed: say so, with the command that retries. `mlflow run` marks its run FAILED whenever
+    we exit non-zero, and the run did finish: there the error is said, not signalled."""
+    echo(failure.result)
     retry = (
         f"cifar-experiments register --run-id {failure.run_id} "
         f"--model-name {shlex.quote(failure.name)}"
     )
-    return f"Registering the model failed: {failure.reason}. Retry with: {retry}"
+    message = f"Registering the model failed: {failure.reason}. Retry with: {retry}"
+    if project_run is not None:
+        click.echo(f"Error: {message}", err=True)
+        return
+    raise click.ClickException(message)
 
 
 def interrupted(interruption: Interrupted, project_run: str | None) -> str:

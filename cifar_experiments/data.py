@@ -229,10 +229,9 @@ def _normalization_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Made once per device and image size: copying them to a GPU every batch would wait for
     the GPU to finish its queued work each time."""
-    shape = (1, -1, 1, 1)
+    shape, full = (1, -1, 1, 1), (1, *image_shape)
     mean_t = torch.tensor(mean, device=device).view(shape)
     std_t = torch.tensor(std, device=device).view(shape)
-    full = (1, *image_shape)
     shift = (-mean_t / std_t).expand(full).contiguous(memory_format=layout)
     scale = (1 / (255 * std_t)).expand(full).contiguous(memory_format=layout)
     return shift, scale
@@ -245,9 +244,8 @@ def batches(images: ImageSet, batch_size: int) -> Iterator[tuple[torch.Tensor, t
 
 
 class TrainingSet:
-    """A training split served as shuffled batches, optionally augmented: each image
-    translated by up to `max_shift` pixels (reflecting at the border) and flipped left-right
-    every other epoch.
+    """A training split served as shuffled batches, optionally augmented: each image translated
+    by up to `max_shift` pixels (reflecting at the border) and flipped every other epoch.
 
     For augmentation every image is padded once, in both orientations, so a batch is one
     gather of crops from uint8 memory: no per-image Python and no float work, a tenth of the
@@ -277,11 +275,16 @@ class TrainingSet:
         return max(1, len(self) // batch_size)
 
     def batches(
-        self, batch_size: int, generator: torch.Generator, start: int = 0
+        self,
+        batch_size: int,
+        generator: torch.Generator,
+        start: int = 0,
+        part: tuple[int, int] = (0, 1),
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One epoch of batches, all randomness drawn from `generator`. `start` skips that many
-        batches, drawing what they would have drawn: an interrupted epoch resumes exactly."""
-        n, device = len(self), self.labels.device
+        """One epoch of batches, all randomness drawn from `generator`. `start` skips batches,
+        drawing what they would have drawn (an interrupted epoch resumes exactly). `part` (i, n)
+        is process i's share of each batch when n train together: whatever n, the same draws."""
+        (rank, size), n, device = part, len(self), self.labels.device
         order = torch.randperm(n, generator=generator).to(device)
         if self.crops is not None:
             # Alternating flips (airbench): random in the first epoch, then each image the
@@ -294,15 +297,14 @@ class TrainingSet:
         if self.crops is not None:
             # The whole epoch's shifts in one draw (the same numbers as a draw per batch) and
             # one copy: a copy to a GPU per batch would wait for its queued work every time.
-            shifts = torch.randint(
-                0, 2 * self.max_shift + 1, (steps, 2, batch), generator=generator
-            ).to(device)
+            span = 2 * self.max_shift + 1
+            shifts = torch.randint(0, span, (steps, 2, batch), generator=generator).to(device)
         for step in range(start, steps):
-            idx = order[step * batch : (step + 1) * batch]
+            idx = order[step * batch : (step + 1) * batch][rank::size]
             if self.crops is None or self.flipped is None:
                 yield self.images[idx], self.labels[idx]
             else:
-                dy, dx = shifts[step]
+                dy, dx = shifts[step][:, rank::size]
                 yield self.crops[idx + n * self.flipped[idx], :, dy, dx], self.labels[idx]
 
 

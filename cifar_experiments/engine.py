@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,8 +19,9 @@ from torch import nn
 
 from . import data, models, speedups
 from .config import TrainConfig
+from .distributed import World
 from .evaluation import Evaluation
-from .recipes import AIRBENCH94, ONE_CYCLE_WARMUP
+from .optimization import Lookahead, lr_factor, make_optimizer
 
 log = logging.getLogger(__name__)
 Model = TypeVar("Model", bound=nn.Module)
@@ -85,78 +85,6 @@ def _cpu_has_native_bf16() -> bool:
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
-class Lookahead:
-    """Every `every` steps, move a slow copy of the weights toward the live ones and restart
-    the live ones from it (airbench). The pull grows with a power of training progress (the
-    cube), so early training runs free and the end averages over many steps."""
-
-    def __init__(
-        self, model: nn.Module, total_steps: int,
-        every: int = AIRBENCH94.lookahead_every_n_steps,
-    ) -> None:  # fmt: skip
-        # The module itself, not a compiled wrapper, whose state_dict names differ.
-        self.model, self.total_steps, self.every = model, total_steps, every
-        self.slow = {
-            name: tensor.detach().clone()
-            for name, tensor in model.state_dict().items()
-            if tensor.is_floating_point()
-        }
-
-    @torch.no_grad()
-    def step(self, global_step: int) -> None:
-        if global_step % self.every and global_step != self.total_steps:
-            return
-        progress = global_step / self.total_steps
-        decay, power = AIRBENCH94.lookahead_decay_base, AIRBENCH94.lookahead_decay_pow
-        keep = decay**self.every * progress**power
-        live = self.model.state_dict()
-        for name, slow in self.slow.items():
-            slow.lerp_(live[name], 1 - keep)
-            live[name].copy_(slow)
-
-
-def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.SGD:
-    """SGD, with batch-norm parameters at the model's own learning-rate scale."""
-    scale = getattr(model, "norm_lr_scale", 1.0)
-    norm_params = {
-        id(p): p
-        for module in model.modules()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm)
-        for p in module.parameters()
-        if p.requires_grad
-    }
-    other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in norm_params]
-    groups: list[dict] = [{"params": other_params}]
-    if norm_params:
-        groups.append(
-            {
-                "params": list(norm_params.values()),
-                "lr": config.lr * scale,
-                "weight_decay": config.weight_decay / scale,
-            }
-        )
-    return torch.optim.SGD(
-        groups,
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=config.nesterov,
-        weight_decay=config.weight_decay,
-    )
-
-
-def lr_factor(schedule: str, step: int, total_steps: int) -> float:
-    """Multiplier of the peak learning rate at optimiser step `step` (0-based) of `total_steps`."""
-    progress = step / max(total_steps, 1)
-    if schedule == "constant":
-        return 1.0
-    if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * progress))
-    if schedule == "onecycle":  # linear warm-up, then linear decay to zero
-        warmup = ONE_CYCLE_WARMUP
-        return progress / warmup if progress < warmup else (1 - progress) / (1 - warmup)
-    raise ValueError(f"unknown schedule {schedule!r}")
-
-
 @dataclass
 class EpochSums:
     """Running sums over the epoch under way. They stay on the device: reading them every
@@ -177,10 +105,10 @@ class EpochSums:
         self.window_loss += loss
         self.correct += (logits.argmax(dim=1) == labels).sum()
 
-    def take_window_mean(self, steps: int) -> float:
-        mean = self.window_loss.item() / steps
-        self.window_loss.zero_()
-        return mean
+    def summed_over(self, world: World) -> None:
+        """Every rank's sums, added up, on every rank."""
+        for total in (self.loss, self.window_loss, self.correct):
+            world.summed(total)
 
 
 # The fields of TrainingState that say how far training has got and what it has kept.
@@ -197,6 +125,9 @@ class TrainingState:
     taken. All the randomness of training (shuffling, crops, flips) comes from `generator`;
     `epoch_start` holds it, and the flips, as the epoch under way began, so an interrupted
     epoch can be replayed.
+
+    Under torchrun every rank holds the same state but for `sums` (its own images') and
+    `forward`, which averages the gradients of all; only rank 0 validates and keeps weights.
     """
 
     config: TrainConfig
@@ -220,13 +151,16 @@ class TrainingState:
     history: list[dict[str, float]] = field(default_factory=list)
     epoch_start: dict[str, Any] = field(default_factory=dict)
     last_val: Evaluation | None = None  # the last epoch's validation, for callbacks to show
+    world: World = field(default_factory=World)
 
     @classmethod
     def create(
         cls, config: TrainConfig, train_set: data.ImageSet, classes: tuple[str, ...],
-        runtime: Runtime,
+        runtime: Runtime, world: World | None = None,
     ) -> TrainingState:  # fmt: skip
-        """A fresh training of `config.model` on `train_set`, seeded by `config.seed`."""
+        """A fresh training of `config.model` on `train_set`, seeded by `config.seed`, by the
+        processes of `world` together (by default, this one alone)."""
+        world = world or World()
         speedups.tune_process(runtime.device)
         torch.manual_seed(config.seed)
         model = runtime.place(models.build_model(config.model, num_classes=len(classes)))
@@ -239,15 +173,16 @@ class TrainingState:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(config.schedule, step, total_steps)
         )
+        forward = world.wrap(model)
         state = cls(
             config, runtime, classes, model,
             # A compiled Module is a Module (OptimizedModule); the stub says only "callable".
-            forward=cast(nn.Module, torch.compile(model)) if config.compile else model,
+            forward=cast(nn.Module, torch.compile(forward)) if config.compile else forward,
             normalization=normalization, batches=batches, optimizer=optimizer,
             scheduler=scheduler,
             lookahead=Lookahead(model, total_steps) if config.lookahead else None,
             generator=torch.Generator().manual_seed(config.seed),
-            sums=EpochSums.zeros(runtime.device),
+            sums=EpochSums.zeros(runtime.device), world=world,
         )  # fmt: skip
         state.epoch_start = state._random_streams()
         return state
@@ -260,11 +195,14 @@ class TrainingState:
         """The training-loss curve's point at this step, every `log_every` steps; else nothing."""
         if self.global_step % self.config.log_every:
             return {}
-        window = min(self.config.log_every, self.step_in_epoch)
-        return {"train/loss": self.sums.take_window_mean(window)}
+        window = min(self.config.log_every, self.step_in_epoch) * self.world.size
+        total = self.world.summed(self.sums.window_loss).item()
+        self.sums.window_loss.zero_()
+        return {"train/loss": total / window}
 
     def epoch_metrics(self, first_step: int, seconds: float) -> dict[str, float]:
         """The training statistics of the epoch under way, now that its last step is taken."""
+        self.sums.summed_over(self.world)
         seen = self.steps_per_epoch * min(self.config.batch_size, len(self.batches))
         taken = (self.step_in_epoch - first_step) * seen / self.steps_per_epoch
         return {
@@ -274,12 +212,14 @@ class TrainingState:
             "train/images_per_second": taken / seconds,
         }
 
-    def end_epoch(self, metrics: dict[str, float], val: Evaluation) -> None:
-        """Record the epoch just trained and its validation, keep its weights if `keep_epoch`
-        says so, and move on to the next."""
+    def end_epoch(self, metrics: dict[str, float], val: Evaluation | None) -> None:
+        """Record the epoch just trained and its validation (rank 0's alone), keep its weights
+        if `keep_epoch` says so, and move on to the next."""
         self.history.append({"epoch": self.epoch, **metrics})
         self.last_val = val
-        if self.config.keep_epoch == "last" or val.accuracy > self.kept_accuracy:
+        if val is not None and (
+            self.config.keep_epoch == "last" or val.accuracy > self.kept_accuracy
+        ):
             self.kept_accuracy, self.kept_epoch = val.accuracy, self.epoch
             self.kept_weights = {
                 k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
@@ -307,6 +247,8 @@ class TrainingState:
             for name, slow in self.lookahead.slow.items():
                 slow.copy_(state["lookahead"][name])
         self.sums = EpochSums(**{k: v.to(self.runtime.device) for k, v in state["sums"].items()})
+        if not self.world.main:  # the saved sums are every rank's, added up on rank 0
+            self.sums = EpochSums.zeros(self.runtime.device)
         for name, value in state["progress"].items():
             setattr(self, name, value)
         # Back to the epoch's start: its first `step_in_epoch` batches are drawn again, unused.
@@ -354,11 +296,13 @@ class FitResult:
 
 def fit(
     state: TrainingState, val_set: data.ImageSet, callbacks: Sequence[Callback] = ()
-) -> FitResult:
+) -> FitResult | None:
     """Train from where `state` stands to its last epoch, validate after each epoch, and leave
     the model with the weights of the epoch `keep_epoch` chooses: the best on validation, or
     the last. Callbacks are called at four moments (callbacks.Callback); when one answers an
-    epoch's end with True, that epoch is the last.
+    epoch's end with True, that epoch is the last. Under torchrun every rank trains, and the
+    ranks other than 0, which neither validate nor keep weights, answer None after the last
+    epoch.
     """
     config, runtime = state.config, state.runtime
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
@@ -370,7 +314,10 @@ def fit(
         started, first_step = time.perf_counter(), state.step_in_epoch
         state.forward.train()
         state.model.begin_epoch(state.epoch)
-        for images, labels in state.batches.batches(config.batch_size, state.generator, first_step):
+        part = (state.world.rank, state.world.size)
+        for images, labels in state.batches.batches(
+            config.batch_size, state.generator, first_step, part
+        ):
             with runtime.autocast():
                 logits = state.forward(state.normalization(images))
                 loss = loss_fn(logits.float(), labels)
@@ -388,13 +335,17 @@ def fit(
                 callback.on_step_end(state, point)
         metrics = state.epoch_metrics(first_step, time.perf_counter() - started)
         # The curves follow the bare network; test-time augmentation waits for the kept epoch.
-        val = state.evaluate(val_set, tta=False)
-        metrics.update({f"val/{name}": value for name, value in val.metrics().items()})
+        # Rank 0 validates alone: the others' weights are the same.
+        val = state.evaluate(val_set, tta=False) if state.world.main else None
+        if val is not None:
+            metrics.update({f"val/{name}": value for name, value in val.metrics().items()})
         metrics["train/epoch_seconds"] = time.perf_counter() - started
         epoch = state.epoch
         state.end_epoch(metrics, val)
         # Every callback hears of the epoch, whichever asks to stop.
         stop_early = any([callback.on_epoch_end(state, epoch, metrics) for callback in callbacks])
+    if not state.world.main:  # the other ranks' part is done
+        return None
     state.model.load_state_dict(state.kept_weights)
     kept_val = state.evaluate(val_set)
     for callback in callbacks:

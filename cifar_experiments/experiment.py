@@ -20,11 +20,12 @@ import torch
 from . import checkpoint, data, engine, models, registry, serving, speedups
 from .callbacks import Checkpointing, ProgressBar, StopOnDivergence, Tracker
 from .config import TrainConfig, field_default, flag, may_change_on_resume
+from .distributed import Handoff, World
 from .evaluation import Evaluation, curves_figure
 from .interrupts import Interrupted, StopRequests
 from .predictions import Predictions
 from .tracking import lifecycle, past_runs, store
-from .tracking.keys import BEST_VAL_METRIC, TEST_PREFIX
+from .tracking.keys import BEST_VAL_METRIC, LAUNCH_TAG, TEST_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +65,17 @@ class Summary:
 
 
 def prepare(
-    config: TrainConfig, resumption: Resumption | None = None, dataset: data.Dataset | None = None
-) -> Prepared:
+    config: TrainConfig, resumption: Resumption | None = None, dataset: data.Dataset | None = None,
+    world: World | None = None,
+) -> Prepared:  # fmt: skip
     """Check the store, this login's permission to add runs to the experiment, the checkpoint
-    folder and the device, then load (unless `dataset` is config.data, loaded already) and
-    split the data.
+    folder, the device and the processes of `world` the batch is shared by, then load (unless
+    `dataset` is config.data, loaded already) and split the data.
 
-    Raises TrackingError, CheckpointError, DeviceUnavailable, DataError or ResumeError, each
-    before a run exists.
+    Raises TrackingError, CheckpointError, DeviceUnavailable, WorldError, DataError or
+    ResumeError, each before a run exists.
     """
+    (world or World()).check_batch(config.batch_size)
     store.check_store()
     experiment_name = (
         store.experiment_of(resumption.run_id) if resumption else config.experiment_name
@@ -89,9 +92,16 @@ def prepare(
                 f"the data in {dataset.source} (digest {dataset.digest}) is not the data run "
                 f"{resumption.run_id} was trained on (digest {trained_on})"
             )
-    val_ids = data.held_out(dataset.train.labels.numpy(), config.val_fraction, config.split_seed)
-    train, val = data.split_at(dataset.train, val_ids)
+    val_ids, train, val = _split(config, dataset)
     return Prepared(config, dataset, train, val, runtime, val_ids, resumption)
+
+
+def _split(
+    config: TrainConfig, dataset: data.Dataset
+) -> tuple[np.ndarray, data.ImageSet, data.ImageSet]:
+    """Which images are held out for validation, then the training and validation splits."""
+    val_ids = data.held_out(dataset.train.labels.numpy(), config.val_fraction, config.split_seed)
+    return val_ids, *data.split_at(dataset.train, val_ids)
 
 
 def _check_own_checkpoint(run_id: str, path: Path, folder: Path) -> None:
@@ -189,16 +199,28 @@ def run(
     stop: StopRequests | None = None,
     callbacks: Sequence[engine.Callback] = (),
     progress_bars: bool = True,
+    handoff: Handoff | None = None,
 ) -> Summary:
     """Train, evaluate and log the model, recording all of it through `tracker`.
 
     With `checkpoints`, the training state is saved after every epoch and, once `stop` has a
     signal pending, between two steps; training then raises Interrupted. `callbacks` plug into
     the loop after the tracker's, the progress bar's and the checkpoints' (a pruner does).
-    Training that diverges raises TrainingDiverged.
+    Training that diverges raises TrainingDiverged. Under torchrun this is rank 0's part, and
+    `handoff` hands the other ranks what they need to train with it (`follow`).
     """
     config, dataset, resumption = prepared.config, prepared.dataset, prepared.resumption
-    state = engine.TrainingState.create(config, prepared.train, dataset.classes, prepared.runtime)
+    world = World()
+    if handoff is not None:
+        world = handoff.world
+        handoff.send({
+            "run_id": tracker.run_id, "config": dataclasses.asdict(config),
+            "data_digest": dataset.digest,
+            "training": resumption.state["training"] if resumption is not None else None,
+        })  # fmt: skip
+    state = engine.TrainingState.create(
+        config, prepared.train, dataset.classes, prepared.runtime, world
+    )
     if resumption is None:
         tracker.log_params(_params(prepared, state))
         tracker.log_dataset(dataset)
@@ -213,6 +235,7 @@ def run(
     deferred = stop.deferred() if stop is not None else contextlib.nullcontext()
     with deferred, progress:
         fit = engine.fit(state, prepared.val, [*plugged, *callbacks])
+    assert fit is not None, "rank 0 always ends with the result"
     test = _record_results(prepared, state, fit, tracker)
     return Summary(
         run_id=tracker.run_id,
@@ -273,6 +296,9 @@ def _params(prepared: Prepared, state: engine.TrainingState) -> dict[str, Any]:
         "val_size": len(prepared.val),
         "test_size": len(dataset.test) if dataset.test is not None else 0,
         "num_classes": len(dataset.classes),
+        # --batch-size is the global batch, shared by this many processes (torchrun).
+        "world_size": state.world.size,
+        "batch_size_per_process": prepared.config.batch_size // state.world.size,
         "torch_version": torch.__version__,
         "mlflow_version": mlflow.__version__,
         "python_version": platform.python_version(),
@@ -286,6 +312,7 @@ def train(
     tags: dict[str, str] | None = None,
     progress_bars: bool = True,
     project_run: str | None = None,
+    handoff: Handoff | None = None,
 ) -> Summary:
     """Run inside an MLflow run that ends FINISHED, FAILED or KILLED; then register it. The run
     is the resumed one, or `project_run` (the one `mlflow run` made for us), or a new one.
@@ -293,18 +320,22 @@ def train(
     The training state is checkpointed after every epoch and on a stop request; a stopped
     run raises Interrupted, carrying its run ID. A registration that fails leaves the run
     FINISHED and raises registry.RegistrationFailed. `tags` go on a new run as it starts.
+    Under torchrun this is rank 0's part (see `run`).
     """
     config, resumption = prepared.config, prepared.resumption
     run_id = resumption.run_id if resumption is not None else None
+    world = handoff.world if handoff is not None else World()
+    if world.launch is not None:
+        tags = {**(tags or {}), LAUNCH_TAG: world.launch}
     try:
-        with lifecycle.mlflow_run(config, run_id, tags, project_run) as tracker:
+        with lifecycle.mlflow_run(config, run_id, tags, project_run, world.node_id) as tracker:
             run_id = tracker.run_id
             checkpoints = checkpoint.CheckpointFile(
                 Path(config.checkpoint_dir).resolve() / f"{run_id}.pt",
                 meta={"config": dataclasses.asdict(config), "data_digest": prepared.dataset.digest},
             )
             tracker.record_checkpoint(checkpoints.path)
-            summary = run(prepared, tracker, checkpoints, stop, callbacks, progress_bars)
+            summary = run(prepared, tracker, checkpoints, stop, callbacks, progress_bars, handoff)
     # Also a second signal that lands while the run is being ended (`mlflow run` sends its own
     # after the user's Ctrl-C): the message must still name the run to resume.
     except Interrupted as interruption:
@@ -316,6 +347,30 @@ def train(
         summary, summary.run_id, config.model_name, config.gate, config.gate_alpha
     )
     return replace(summary, registration=registration)
+
+
+def follow(world: World, stop: StopRequests) -> None:
+    """A rank other than 0 under torchrun: train with rank 0, from what it hands on, and
+    record nothing but this machine's system metrics (by its first rank)."""
+    start = world.share(None)
+    if start is None:
+        return  # rank 0 did not start: it says why
+    config = TrainConfig(**start["config"])
+    dataset = data.load_dataset(config.data)
+    if dataset.digest != start["data_digest"]:
+        raise data.DataError(
+            f"the data in {dataset.source} (digest {dataset.digest}) is not rank 0's (digest "
+            f"{start['data_digest']}): every machine needs the same data"
+        )
+    _, train, val = _split(config, dataset)
+    runtime = engine.Runtime.resolve(config.device, config.precision)
+    state = engine.TrainingState.create(config, train, dataset.classes, runtime, world)
+    if start["training"] is not None:
+        state.load_state_dict(start["training"])
+    callbacks = [StopOnDivergence(), Checkpointing(None, Tracker(), stop)]
+    node = world.node_id if world.local_rank == 0 else None
+    with lifecycle.node_system_metrics(start["run_id"], node), stop.deferred():
+        engine.fit(state, val, callbacks)
 
 
 def _description(prepared: Prepared, fit: engine.FitResult, test: Evaluation | None) -> str:

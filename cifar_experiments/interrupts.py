@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
@@ -38,11 +38,20 @@ class StopRequests:
     between steps. A second signal of the same kind, from someone who really wants out, raises
     at once; a SIGTERM after a SIGINT does not, because that is how `mlflow run` cancels the
     process it started when its own terminal got the Ctrl-C.
+
+    Under torchrun (`shared_by`, the ranks' agreement on a stop: distributed.World) a signal
+    is never asked twice: torchrun forwards the terminal's Ctrl-C to the ranks that have just
+    got it, and kills any rank still running 30 s later.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, shared_by: Callable[[int | None], int | None] | None = None) -> None:
         self.pending: int | None = None
         self._deferring = False
+        self._shared_by = shared_by
+
+    def agreed(self) -> int | None:
+        """The stop pending in this process, or in any that trains with it."""
+        return self._shared_by(self.pending) if self._shared_by else self.pending
 
     @contextmanager
     def installed(self) -> Iterator[StopRequests]:
@@ -66,7 +75,8 @@ class StopRequests:
             self._deferring = False
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        if self._deferring and self.pending in (None, signal.SIGINT) and signum != self.pending:
+        again = signum == self.pending and self._shared_by is None
+        if self._deferring and self.pending in (None, signal.SIGINT) and not again:
             if self.pending is None:
                 self.pending = signum
                 log.warning(

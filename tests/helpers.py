@@ -31,7 +31,9 @@ import requests
 import torch
 from PIL import Image
 
-from cifar_experiments import callbacks, data
+from cifar_experiments import callbacks, data, engine
+from cifar_experiments.config import TrainConfig
+from cifar_experiments.distributed import World
 from cifar_experiments.predictions import Predictions
 from cifar_experiments.sweep import parent_run
 
@@ -78,6 +80,29 @@ def write_image_folder(root: Path, counts: dict[str, int], fmt: str = "PNG") -> 
             for i, image in enumerate(synthetic_images(count, label, seed=label + 10 * count)):
                 (folder / f"{i:04d}.{fmt.lower()}").write_bytes(encode(image, fmt))
     return root
+
+
+def two_steps(world: World, steps: int = 2) -> dict[str, torch.Tensor]:
+    """The tutorial net after `steps` steps of SGD with momentum on 12 tiny augmented images
+    (one batch of 12 a step), taken by the processes of `world` together: rank 0's weights."""
+    config = TrainConfig(epochs=steps, batch_size=12, lr=0.05, schedule="constant",
+                         keep_epoch="last", precision="fp32", seed=3)  # fmt: skip
+    runtime = engine.Runtime.resolve("cpu", "fp32")
+    state = engine.TrainingState.create(config, tiny_set(4, 0), CLASSES, runtime, world)
+    engine.fit(state, tiny_set(1, 50))
+    return state.model.state_dict()
+
+
+def torchrun_command(
+    *args: str, launch: Sequence[str] = ("--standalone",), nproc: int = 2
+) -> list[str]:
+    """`torchrun LAUNCH --nproc-per-node NPROC ARGS` as a command for a child process."""
+    return [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc-per-node={nproc}",
+            *args]  # fmt: skip
+
+
+# Processes of one training talk over loopback, a thread each on the test machine's cores.
+TORCHRUN_ENV = {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
 
 
 class RecordingTracker(callbacks.Tracker):

@@ -214,7 +214,7 @@ def test_auto_device_is_settled_before_the_recipe_fills_in(image_folder, monkeyp
 
     configs = []
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
-    monkeypatch.setattr(experiment, "prepare", lambda config, resumption: configs.append(config))
+    monkeypatch.setattr(experiment, "prepare", lambda config, *_, **__: configs.append(config))
     result = CliRunner().invoke(cli, ["train", "--model", "airbench", "--data", str(image_folder)])
     assert result.exit_code == 0, result.output
     assert (configs[0].device, configs[0].batch_size, configs[0].lr) == ("cuda", 1024, 1.5)

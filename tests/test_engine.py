@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import RecordingTracker, tiny_set
 
-from cifar_experiments import checkpoint, engine, models
+from cifar_experiments import checkpoint, engine, models, optimization
 from cifar_experiments.callbacks import Checkpointing
 from cifar_experiments.checkpoint import CheckpointFile
 from cifar_experiments.config import TrainConfig
@@ -112,7 +112,7 @@ def test_same_seed_same_metrics_on_cpu():
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
 def test_schedules_start_and_end_where_expected(schedule):
-    factors = [engine.lr_factor(schedule, s, 100) for s in range(101)]
+    factors = [optimization.lr_factor(schedule, s, 100) for s in range(101)]
     assert max(factors) == pytest.approx(1.0)
     assert min(factors) >= 0
     if schedule != "constant":
@@ -153,7 +153,7 @@ def test_lookahead_restarts_the_weights_from_their_slow_average():
     net = torch.nn.Linear(2, 1, bias=False)
     with torch.no_grad():
         net.weight.fill_(0.0)
-    lookahead = engine.Lookahead(net, total_steps=10, every=5)
+    lookahead = optimization.Lookahead(net, total_steps=10, every=5)
     with torch.no_grad():
         net.weight.fill_(1.0)
     lookahead.step(4)  # not a sync step: nothing moves
@@ -167,7 +167,7 @@ def test_lookahead_restarts_the_weights_from_their_slow_average():
 def test_batch_norm_parameters_get_the_models_learning_rate_scale():
     config = TrainConfig(model="airbench", lr=0.5, weight_decay=1e-3)
     net = models.build_model("airbench")
-    groups = engine.make_optimizer(config, net).param_groups
+    groups = optimization.make_optimizer(config, net).param_groups
     norm_biases = [m.bias for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     norm_group = next(g for g in groups if any(p is norm_biases[0] for p in g["params"]))
     assert len(norm_group["params"]) == len(norm_biases)  # weights are frozen, not trained

@@ -27,7 +27,7 @@ from helpers import (
     write_image_folder,
 )
 
-from cifar_experiments import engine, search_space
+from cifar_experiments import optimization, search_space
 from cifar_experiments.cli import cli
 from cifar_experiments.config import SweepConfig, TrainConfig
 from cifar_experiments.interrupts import StopRequests
@@ -212,7 +212,7 @@ def test_continuing_a_study_with_other_settings_is_refused(image_folder):
 
 def test_warmup_protects_the_first_epochs():
     assert [sweep_study.warmup_epochs(n) for n in (1, 3, 5, 10, 11)] == [1, 1, 1, 2, 3]
-    assert engine.lr_factor("onecycle", 20, 100) == 1.0  # the warm-up's last step: the peak
+    assert optimization.lr_factor("onecycle", 20, 100) == 1.0  # the warm-up's last step: the peak
 
 
 @pytest.mark.slow

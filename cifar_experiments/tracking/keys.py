@@ -12,6 +12,8 @@ ERROR_TAG = "error"
 # Where the run keeps its training state on this machine, and who is running it.
 CHECKPOINT_TAG = "checkpoint"
 PROCESS_TAG = "process"
+# torchrun's id for the launch that trains the run: its restarts (--max-restarts) find it by it.
+LAUNCH_TAG = "torchrun_launch"
 # The run's last checkpoint among its artifacts, for resuming on another machine.
 CHECKPOINT_ARTIFACT_DIR = "checkpoint"
 # The UI nests a run under the one this tag names (a sweep's trials, a training's repeats).

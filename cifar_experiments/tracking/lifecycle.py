@@ -31,11 +31,15 @@ def mlflow_run(
     resume_run_id: str | None = None,
     tags: dict[str, str] | None = None,
     project_run: str | None = None,
+    node_id: str | None = None,
 ) -> Iterator[MlflowTracker]:
     """Start a run (or continue `resume_run_id`, or fill in `project_run`, the one `mlflow run`
     made) and always end it as it went (see `ended_as_it_goes`). The run's last checkpoint is
-    then kept as `Keeping` says."""
+    then kept as `Keeping` says. This machine's system metrics go under `node_id`, if given,
+    as those of other machines that train with it (`node_system_metrics`)."""
     run_id = resume_run_id or project_run
+    if node_id is not None:
+        mlflow.system_metrics.set_system_metrics_node_id(node_id)
     experiment = None
     if run_id is None:
         experiment = with_retries(lambda: mlflow.set_experiment(config.experiment_name))
@@ -62,6 +66,22 @@ def mlflow_run(
         if not server_lost(error):
             raise
         raise ServerLost(tracker.run_id, tracker.checkpoint, error) from None
+
+
+@contextmanager
+def node_system_metrics(run_id: str, node_id: str | None) -> Iterator[None]:
+    """This machine's system metrics, under `node_id`, in a run another machine records."""
+    if node_id is None:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, node_id=node_id, resume_logging=True)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from mlflow.exceptions import MlflowException
 
 from ..predictions import FILE as PREDICTIONS_FILE
 from ..predictions import Predictions
-from .keys import CHECKPOINT_ARTIFACT_DIR, CHECKPOINT_TAG, PROCESS_TAG
+from .keys import CHECKPOINT_ARTIFACT_DIR, CHECKPOINT_TAG, LAUNCH_TAG, PROCESS_TAG
 from .refusals import NOT_FOUND
 from .store import TrackingError, settings, tracking_uri
 
@@ -26,6 +26,19 @@ class PastRun:
     checkpoint_dir: str | None  # as the run logged it (a parameter, which cannot change)
     process: str | None  # "host:pid" of the process that last ran it
     env_manager: str | None  # how `mlflow run` made its environment, if it started the run
+
+
+def launched_as(launch: str) -> str | None:
+    """The run that torchrun launch `launch` started before torchrun restarted it, if any."""
+    if not launch.replace("-", "").replace("_", "").isalnum():  # it goes into a filter
+        return None
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.{LAUNCH_TAG} = '{launch}'",
+        output_format="list",
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
 
 
 def find_run(run_id: str) -> PastRun:

@@ -15,3 +15,9 @@ ENV = "MLFLOW_RUN_ID"
 def take() -> str | None:
     """The run `mlflow run` made for this process, if it started it; the variable is removed."""
     return os.environ.pop(ENV, None) or None
+
+
+def hand_on(run_id: str | None) -> None:
+    """Put `run_id` back for the processes this one starts to train in it (torchrun's ranks)."""
+    if run_id is not None:
+        os.environ[ENV] = run_id
