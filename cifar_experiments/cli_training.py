@@ -27,7 +27,8 @@ def train_one(
     from . import experiment, interrupts, registry
     from .callbacks import TrainingDiverged
     from .checkpoint import CheckpointError
-    from .distributed import Handoff
+    from .distributed import Handoff, lost_a_rank
+    from .processes import one_line
     from .tracking.outage import ServerLost
 
     shared_by = world.agree_on_stop if world.distributed else None
@@ -51,6 +52,13 @@ def train_one(
         except registry.RegistrationFailed as failure:
             say.registration_failed(failure, project_run, say.echo_summary)
             return
+        except RuntimeError as error:
+            if not lost_a_rank(error):
+                raise
+            raise click.ClickException(
+                f"another process of this training stopped ({one_line(error)}); the run is "
+                "marked FAILED and resumes from its last checkpoint"
+            ) from None
     say.echo_summary(summary)
 
 

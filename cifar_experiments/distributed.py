@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,14 @@ def launch(processes: int, arguments: list[str]) -> int:
     except SignalException as stop:
         return 128 + stop.sigval
     return 0
+
+
+def lost_a_rank(error: BaseException) -> bool:
+    """Whether `error` is a failed exchange between the ranks, most often because one is gone:
+    raised in torch.distributed, or in a backward pass by the gradients' exchange."""
+    where = "".join(frame.filename for frame in traceback.extract_tb(error.__traceback__))
+    said = str(error).lower()
+    return "torch/distributed/" in where.replace("\\", "/") or "gloo" in said or "nccl" in said
 
 
 class WorldError(ValueError):
@@ -109,7 +118,20 @@ class World:
         if cuda:
             torch.cuda.set_device(self.local_rank)
         # On CUDA the gradients go through NCCL, and the small messages below stay on the CPU.
-        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+        backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+        dist.init_process_group(backend, store=self._store(), rank=self.rank, world_size=self.size)
+
+    def _store(self) -> dist.Store:
+        """torchrun's key-value store, under a prefix of this attempt's own: a restarted group
+        would otherwise find its ranks' addresses of the attempt before, and call them in vain
+        (pytorch/pytorch#167288)."""
+        env = os.environ
+        store = dist.TCPStore(
+            env["MASTER_ADDR"], int(env["MASTER_PORT"]), self.size,
+            # torchrun's agent serves it, or else rank 0 does.
+            is_master=self.main and env.get("TORCHELASTIC_USE_AGENT_STORE") != "True",
+        )  # fmt: skip
+        return dist.PrefixStore(f"cifar-experiments/attempt-{self.restart}", store)
 
     def leave(self) -> None:
         if dist.is_initialized():

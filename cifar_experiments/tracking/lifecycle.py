@@ -55,6 +55,8 @@ def mlflow_run(
         ),
     )
     mark_as_training(run.info.experiment_id)
+    if ERROR_TAG in run.data.tags:  # why it stopped last time: no longer so
+        mlflow.MlflowClient().delete_tag(run.info.run_id, ERROR_TAG)
     child = PARENT_TAG in run.data.tags
     tracker = MlflowTracker(run.info.run_id, resumed=resume_run_id is not None, child=child)
     mlflow.set_tag(PROCESS_TAG, f"{socket.gethostname()}:{os.getpid()}")
