@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
@@ -28,6 +29,18 @@ if TYPE_CHECKING:
     from .predictions import Predictions
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EpochModel:
+    """An epoch's weights as a servable model (`settings`: what serving needs besides them),
+    with what it answered for each validation image (single view) and its accuracy."""
+
+    weights: dict[str, torch.Tensor]
+    settings: dict[str, Any]
+    example_png: bytes
+    predictions: Predictions
+    val_accuracy: float
 
 
 class Tracker(Callback):
@@ -77,6 +90,10 @@ class Tracker(Callback):
     ) -> None:
         """The network's weights as a servable model (and as the tutorial's `cifar_net.pth`);
         `settings` is what serving needs besides them."""
+
+    def log_epoch_model(self, epoch: int, model: EpochModel, keep: int, kept_epoch: int) -> None:
+        """Epoch `epoch`'s model, before its metrics are logged (they are linked to it); of the
+        epochs' models only the `keep` best on validation, and `kept_epoch`'s, are kept."""
 
     def set_description(self, markdown: str) -> None:
         pass

@@ -244,7 +244,9 @@ def register(**options: Any) -> None:
         if run_id is None:
             run_id = registry.best_finished_run(asked.experiment)
             click.echo(f"Best run of {asked.experiment!r}: {run_id}")
-        registration = registry.register_run(run_id, asked.model_name, asked.gate, asked.gate_alpha)
+        registration = registry.register_run(
+            run_id, asked.model_name, asked.gate, asked.gate_alpha, asked.epoch
+        )
     except registry.RegistryError as error:
         raise click.ClickException(str(error)) from None
     except MlflowException as error:

@@ -139,6 +139,12 @@ class TrainConfig:
         "resume from.",
         False,
     )
+    keep_models: int = _where_and_how(
+        "Epochs whose weights the run keeps as models of its own (MLflow LoggedModels, ranked "
+        "in its Models tab, registered with `register --epoch`): the best on validation; the "
+        "others are deleted, files and all. 0: none.",
+        3,
+    )
     register: bool = _where_and_how(
         "Register the model as a new version, and move the `champion` alias to it when the "
         "gate (--gate) lets it.",
@@ -203,8 +209,10 @@ _BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     # Trials' runs are named <study>-trial-<n>-seed-<seed>, within a run name's 250.
     "study": (lambda v: _filled(v) and len(v) <= 200, "must be 1 to 200 characters"),
     "epochs": (lambda v: v >= 1, "must be at least 1"),
+    "epoch": (lambda v: v >= 1, "must be at least 1"),
     "batch_size": (lambda v: v >= 1, "must be at least 1"),
     "log_every": (lambda v: v >= 1, "must be at least 1"),
+    "keep_models": (lambda v: v >= 0, "must be 0 or more"),
     "lr": (lambda v: v > 0, "must be positive"),
     "momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "weight_decay": (lambda v: v >= 0, "must be 0 or more"),
@@ -344,9 +352,16 @@ class RegisterConfig:
     run_id: str | None = option(
         "Register this run instead of the experiment's best.", None, metavar="RUN_ID"
     )
+    epoch: int | None = option(
+        "Register the model of this epoch of --run-id (one of those the run kept, see "
+        "--keep-models), instead of the run's own.",
+        None,
+    )
 
     def __post_init__(self) -> None:
         _check_fields(self)
+        if self.epoch is not None and self.run_id is None:
+            raise ConfigError("epoch", "names an epoch of --run-id: give --run-id too")
 
 
 def value_type(name: str, config_class: type = TrainConfig) -> type:

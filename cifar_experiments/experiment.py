@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, data, engine, models, registry, serving, speedups
-from .callbacks import Checkpointing, ProgressBar, StopOnDivergence, Tracker
+from .callbacks import Checkpointing, EpochModel, ProgressBar, StopOnDivergence, Tracker
 from .config import TrainConfig, field_default, flag, may_change_on_resume
 from .distributed import Handoff, World
 from .evaluation import Evaluation, curves_figure
@@ -229,7 +229,9 @@ def run(
     else:
         state.load_state_dict(resumption.state["training"])
     progress = ProgressBar(progress_bars)
-    plugged: list[engine.Callback] = [tracker, progress, StopOnDivergence()]
+    # Each epoch's model before the tracker logs the epoch's metrics, which are linked to it.
+    plugged: list[engine.Callback] = [EpochModels(prepared, tracker)] if config.keep_models else []
+    plugged += [tracker, progress, StopOnDivergence()]
     if checkpoints is not None:
         plugged.append(Checkpointing(checkpoints, tracker, stop))
     deferred = stop.deferred() if stop is not None else contextlib.nullcontext()
@@ -250,7 +252,7 @@ def _record_results(
 ) -> Evaluation | None:
     """Once training is over: the kept epoch's scores, the test split's (if any), the curves,
     the model and the run's description. Answers the test split's evaluation."""
-    config, dataset = prepared.config, prepared.dataset
+    dataset = prepared.dataset
     tracker.log_metrics({BEST_VAL_METRIC: fit.kept_val.accuracy}, step=fit.kept_epoch)
     tracker.log_evaluation("val", fit.kept_val, prepared.val)
     tracker.log_predictions("val", Predictions.of(fit.kept_val, prepared.val_ids, dataset.digest))
@@ -268,18 +270,45 @@ def _record_results(
         tracker.log_evaluation("test", test, dataset.test)
         test_ids = np.arange(len(dataset.test))
         tracker.log_predictions("test", Predictions.of(test, test_ids, dataset.digest))
-    # The weights take images normalised as the tutorial's code does, whatever training used.
-    logged = data.TUTORIAL_NORMALIZATION
-    tracker.log_model(
-        models.weights_for_inputs(
-            state.model, (state.normalization.mean, state.normalization.std),
-            (logged.mean, logged.std),
-        ),
-        serving.settings(config.model, dataset.classes, logged),
-        example_png=data.encode_png(prepared.val.images[0]),
-    )  # fmt: skip
+    tracker.log_model(*_servable(prepared, state), example_png=_example(prepared))
     tracker.set_description(_description(prepared, fit, test))
     return test
+
+
+def _servable(
+    prepared: Prepared, state: engine.TrainingState
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The model's weights as served, and what serving needs besides them. The weights take
+    images normalised as the tutorial's code does, whatever training used."""
+    logged = data.TUTORIAL_NORMALIZATION
+    weights = models.weights_for_inputs(
+        state.model, (state.normalization.mean, state.normalization.std), (logged.mean, logged.std)
+    )
+    return weights, serving.settings(prepared.config.model, prepared.dataset.classes, logged)
+
+
+def _example(prepared: Prepared) -> bytes:
+    """The image a logged model shows as its input example."""
+    return data.encode_png(prepared.val.images[0])
+
+
+class EpochModels(engine.Callback):
+    """Each epoch's weights as a model of the run (an MLflow LoggedModel at step=epoch), with
+    its validation predictions, for the gate; the tracker keeps the `keep_models` best."""
+
+    def __init__(self, prepared: Prepared, tracker: Tracker) -> None:
+        self.prepared, self.tracker = prepared, tracker
+
+    def on_epoch_end(
+        self, state: engine.TrainingState, epoch: int, metrics: dict[str, float]
+    ) -> None:
+        prepared, val = self.prepared, state.last_val
+        assert val is not None, "rank 0 validates every epoch"
+        predictions = Predictions.of(val, prepared.val_ids, prepared.dataset.digest)
+        model = EpochModel(
+            *_servable(prepared, state), _example(prepared), predictions, val.accuracy
+        )
+        self.tracker.log_epoch_model(epoch, model, prepared.config.keep_models, state.kept_epoch)
 
 
 def _params(prepared: Prepared, state: engine.TrainingState) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from mlflow.exceptions import MlflowException
 
 from . import gate
 from .config import CHAMPION_ALIAS as CHAMPION
-from .tracking.keys import BEST_VAL_METRIC, TEST_ACCURACY_METRIC
-from .tracking.past_runs import saved_predictions
+from .tracking.keys import BEST_VAL_METRIC, EPOCH_TAG, TEST_ACCURACY_METRIC
+from .tracking.past_runs import epoch_models, model_of, model_predictions, saved_predictions
 from .tracking.refusals import NOT_FOUND
 
 
@@ -32,43 +32,58 @@ class Registration:
 
 
 def register_run(
-    run_id: str, name: str, rule: str = "significant", alpha: float = 0.05
-) -> Registration:
-    """Register the model of a finished run as a new version of `name`, and move `champion`
-    to it if the gate (`rule` at level `alpha`, see gate.py) lets it.
+    run_id: str, name: str, rule: str = "significant", alpha: float = 0.05,
+    epoch: int | None = None,
+) -> Registration:  # fmt: skip
+    """Register the model of a finished run (or of its epoch `epoch`, if the run kept it) as a
+    new version of `name`, and move `champion` to it if the gate (`rule` at level `alpha`, see
+    gate.py) lets it.
 
-    A run already registered under `name` is not registered twice; its version is reported.
+    A model already registered under `name` is not registered twice; its version is reported.
     """
     client = mlflow.MlflowClient()
     run = client.get_run(run_id)
     run_id = run.info.run_id  # the store's own id, as the searches below take it
     if BEST_VAL_METRIC not in run.data.metrics:
         raise RegistryError(f"run {run_id} has no {BEST_VAL_METRIC}: it is not a finished training")
-    logged = run.outputs.model_outputs if run.outputs else []
-    if not logged:
-        raise RegistryError(f"run {run_id} logged no model")
+    model = model_of(run_id, epoch)
+    if model is None:
+        raise RegistryError(_no_model(run_id, epoch))
     val = run.data.metrics[BEST_VAL_METRIC]
     test = run.data.metrics.get(TEST_ACCURACY_METRIC)
-    version = _version_of_run(client, name, run_id)
+    tags = {"run_id": run_id, "model": run.data.params.get("model", ""),
+            "epochs": run.data.params.get("epochs", "")}  # fmt: skip
+    if epoch is not None:  # an epoch's scores are its validation pass's; it has no test score
+        val, test = epoch_models(run_id)[epoch][1], None
+        tags[EPOCH_TAG] = str(epoch)
+    version = _version_of_model(client, name, run_id, epoch)
     if version is None:
-        tags = {
-            "run_id": run_id,
-            "model": run.data.params.get("model", ""),
-            "epochs": run.data.params.get("epochs", ""),
-            "val_accuracy": f"{val:.6f}",
-            "test_accuracy": "" if test is None else f"{test:.6f}",
-        }
-        source = f"models:/{logged[0].model_id}"
-        version = str(mlflow.register_model(source, name, tags=tags).version)
-        client.update_model_version(name, version, description=_description(run, val, test))
-        version = _one_version_of_run(client, name, run_id, version)
+        tags.update({"val_accuracy": f"{val:.6f}",
+                     "test_accuracy": "" if test is None else f"{test:.6f}"})  # fmt: skip
+        version = str(mlflow.register_model(f"models:/{model.model_id}", name, tags=tags).version)
+        description = _description(run, val, test, epoch)
+        client.update_model_version(name, version, description=description)
+        version = _one_version_of_model(client, name, run_id, epoch, version)
     return _through_gate(client, name, version, rule, alpha)
 
 
-def _one_version_of_run(client: mlflow.MlflowClient, name: str, run_id: str, mine: str) -> str:
+def _no_model(run_id: str, epoch: int | None) -> str:
+    if epoch is None:
+        return f"run {run_id} logged no model"
+    kept = sorted(epoch_models(run_id))
+    return (
+        f"run {run_id} has no model of epoch {epoch}: it keeps those of epochs "
+        f"{', '.join(map(str, kept)) or 'none'} (--keep-models keeps the best)"
+    )
+
+
+def _one_version_of_model(
+    client: mlflow.MlflowClient, name: str, run_id: str, epoch: int | None, mine: str
+) -> str:
     """Machines that finish a sweep together both register its best run, each having found it
     unregistered: the lowest version stands, and the others are deleted by whoever made them."""
-    first = str(min(int(v.version) for v in _versions_of_run(client, name, run_id)))
+    versions = _versions_of_model(client, name, run_id, epoch)
+    first = str(min(int(v.version) for v in versions))
     if first != mine:
         client.delete_model_version(name, mine)
     return first
@@ -180,12 +195,16 @@ def _refused_by(version: ModelVersion, champion: str) -> bool:
 
 
 def _candidate(client: mlflow.MlflowClient, name: str, version: str) -> gate.Candidate:
-    """A version as the gate sees it: its validation accuracy and its run's predictions on
-    the validation images, if the run saved them."""
+    """A version as the gate sees it: its validation accuracy and its model's predictions on
+    the validation images: its run's, if the run saved them; an epoch's, saved with it."""
     model_version = client.get_model_version(name, version)
     val = float(model_version.tags.get("val_accuracy", "nan"))
-    run_id = model_version.run_id
-    predictions = saved_predictions(run_id, "val") if run_id is not None else None
+    run_id, source = model_version.run_id, model_version.source or ""
+    predictions = None
+    if EPOCH_TAG in model_version.tags and source.startswith("models:/"):
+        predictions = model_predictions(client.get_logged_model(source.removeprefix("models:/")))
+    elif run_id is not None:
+        predictions = saved_predictions(run_id, "val")
     return gate.Candidate(version, val, predictions)
 
 
@@ -240,10 +259,12 @@ def _champion(client: mlflow.MlflowClient, name: str) -> ModelVersion | None:
         raise
 
 
-def _version_of_run(client: mlflow.MlflowClient, name: str, run_id: str) -> str | None:
+def _version_of_model(
+    client: mlflow.MlflowClient, name: str, run_id: str, epoch: int | None
+) -> str | None:
     # A search finds nothing (it does not fail) before the model's first version; any error
     # is real, and is passed on rather than taken for "not registered yet".
-    versions = _versions_of_run(client, name, run_id)
+    versions = _versions_of_model(client, name, run_id, epoch)
     return str(versions[0].version) if versions else None
 
 
@@ -251,9 +272,13 @@ def _version_of_run(client: mlflow.MlflowClient, name: str, run_id: str) -> str 
 # one that holds both kinds of quote, and the name is the user's. Run ids are the store's.
 
 
-def _versions_of_run(client: mlflow.MlflowClient, name: str, run_id: str) -> list[ModelVersion]:
+def _versions_of_model(
+    client: mlflow.MlflowClient, name: str, run_id: str, epoch: int | None
+) -> list[ModelVersion]:
+    """The versions of `name` made from the run's own model, or from its epoch `epoch`'s."""
     versions = client.search_model_versions(f"run_id = '{run_id}'")
-    return [version for version in versions if version.name == name]
+    epoch_tag = None if epoch is None else str(epoch)
+    return [v for v in versions if v.name == name and v.tags.get(EPOCH_TAG) == epoch_tag]
 
 
 def _versions_since(client: mlflow.MlflowClient, name: str, since: int) -> list[ModelVersion]:
@@ -270,11 +295,14 @@ def _versions_since(client: mlflow.MlflowClient, name: str, since: int) -> list[
     return versions
 
 
-def _description(run: mlflow.entities.Run, val: float, test: float | None) -> str:
+def _description(
+    run: mlflow.entities.Run, val: float, test: float | None, epoch: int | None = None
+) -> str:
     params = run.data.params
     test_text = f"{test:.2%}" if test is not None else "not measured (no test split)"
+    trained = f"trained to epoch {epoch} of" if epoch is not None else "trained"
     return (
-        f"`{params.get('model', '?')}` network trained {params.get('epochs', '?')} epochs "
+        f"`{params.get('model', '?')}` network {trained} {params.get('epochs', '?')} epochs "
         f"(batch {params.get('batch_size', '?')}, lr {params.get('lr', '?')}) in run "
         f"{run.info.run_id}. Validation accuracy {val:.2%}; test accuracy {test_text}. "
         "Input: a DataFrame column `image` of PNG or JPEG bytes."

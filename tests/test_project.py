@@ -34,13 +34,17 @@ def test_mlproject_declares_the_config_options_with_their_defaults():
     # placeholder, and recipe options as something other than the recipe's values. The
     # experiment is `mlflow run`'s own --experiment-name.
     no_default = {name for name, f in fields.items() if f.default is None}
+    # How many processes train together is the command's own option, not the config's.
+    launch = {"nproc_per_node": 1}
     assert set(parameters) == set(fields) - set(RECIPES["tutorial"]) - no_default - {
         "experiment_name"
-    }
+    } | set(launch)
+    assert {p.name: p.default for p in train.params if p.name in launch} == launch
     assert {p.name for p in train.params} >= set(parameters)
     for name, spec in parameters.items():
         assert f"--{name.replace('_', '-')} {{{name}}}" in entry_point()["command"], name
-        assert spec["default"] == as_mlproject_default(fields[name].default), name
+        default = launch[name] if name in launch else fields[name].default
+        assert spec["default"] == as_mlproject_default(default), name
 
 
 def test_no_entry_point_declares_a_placeholder():
@@ -53,7 +57,7 @@ def test_register_entry_point_passes_its_parameters_to_the_register_command():
     from cifar_experiments.cli import register
 
     spec = entry_point("register")
-    assert set(spec["parameters"]) == {p.name for p in register.params} - {"run_id"}
+    assert set(spec["parameters"]) == {p.name for p in register.params} - {"run_id", "epoch"}
     for name, parameter in spec["parameters"].items():
         assert parameter["default"] == next(p.default for p in register.params if p.name == name)
         assert f"--{name.replace('_', '-')} {{{name}}}" in spec["command"]

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import mlflow
+import pandas as pd
 import pytest
 from click.testing import CliRunner
-from helpers import TINY
+from helpers import CLASSES, IMAGES, TINY, encode
 
 from cifar_experiments.cli import cli
+from cifar_experiments.predictions import Predictions
 from cifar_experiments.registry import CHAMPION
 
 NAME = "tiny-classifier"
@@ -139,7 +144,7 @@ def test_a_registry_error_is_not_taken_for_a_first_registration(monkeypatch):
             raise MlflowException("the registry's database is down")
 
     with pytest.raises(MlflowException, match="database is down"):
-        registry._version_of_run(BrokenClient(), NAME, "0" * 32)
+        registry._version_of_model(BrokenClient(), NAME, "0" * 32, epoch=None)
 
 
 QUOTED = 'm\'o "d" ü \\ ..'
@@ -199,3 +204,86 @@ def test_a_run_id_that_reads_like_a_filter_is_refused_in_one_line(tracking_store
     errors = [line for line in result.output.splitlines() if "Error" in line]
     assert len(errors) == 1 and "Traceback" not in result.output, result.output
     assert INJECTED in errors[0], "the line names what was refused"
+
+
+def logged_models_of(run: mlflow.entities.Run) -> list[mlflow.entities.LoggedModel]:
+    return mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}'",
+        output_format="list",
+    )
+
+
+def only_run_of_reg() -> mlflow.entities.Run:
+    (run,) = mlflow.search_runs(experiment_names=["reg"], output_format="list")
+    return run
+
+
+def test_each_epoch_is_a_model_of_the_run_with_its_metrics_and_the_best_are_kept(image_folder):
+    train(image_folder, "--epochs", "5", "--lr", "0.05", "--batch-size", "4",
+          "--keep-models", "2", "--no-register")  # fmt: skip
+    run = only_run_of_reg()
+    client = mlflow.MlflowClient()
+    curve = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/accuracy")}
+    best_two = sorted(curve, key=lambda epoch: (-curve[epoch], epoch))[:2]
+    models = logged_models_of(run)
+    epochs = {int(m.tags["epoch"]): m for m in models if "epoch" in m.tags}
+    assert sorted(epochs) == sorted(best_two)
+    for epoch, model in epochs.items():
+        assert model.name == f"epoch-{epoch}"
+        linked = {(m.key, m.step): m.value for m in model.metrics}
+        assert linked[("val/accuracy", epoch)] == curve[epoch]
+        assert {step for _, step in linked} == {epoch}
+    # The run's own model stays, and the dropped epochs' files are gone, not only marked.
+    assert [m.name for m in models if "epoch" not in m.tags] == ["model"]
+    folder = Path(run.info.artifact_uri.removeprefix("file://")).parents[1] / "models"
+    assert len(list(folder.glob("*/artifacts/MLmodel"))) == 3
+
+
+def saved(uri: str) -> Predictions:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+        return Predictions.from_bytes(Path(path).read_bytes())
+
+
+def test_register_names_an_epoch_of_a_run_and_the_gate_judges_it_on_its_predictions(
+    image_folder,
+):
+    train(image_folder, *GOOD)  # version 1, champion
+    run = only_run_of_reg()
+    runner = CliRunner()
+    result = runner.invoke(cli, ["register", "--run-id", run.info.run_id, "--epoch", "1",
+                                 "--model-name", NAME])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    client = mlflow.MlflowClient()
+    version = client.get_model_version(NAME, "2")
+    epoch_1 = next(m for m in logged_models_of(run) if m.tags.get("epoch") == "1")
+    assert version.source == f"models:/{epoch_1.model_id}" and version.tags["epoch"] == "1"
+    curve = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/accuracy")}
+    assert float(version.tags["val_accuracy"]) == pytest.approx(curve[1])
+    # Compared image by image with the champion (the run's own model), on the epoch's own
+    # predictions, saved beside its weights.
+    assert version.tags["gate.compared_with"] == "1"
+    epoch_says = saved(f"{epoch_1.artifact_location}/artifacts/predictions.npz")
+    run_says = saved(f"{run.info.artifact_uri}/evaluation/val/predictions.npz")
+    assert (epoch_says.example_ids == run_says.example_ids).all()
+    only_epoch = int((epoch_says.right & ~run_says.right).sum())
+    only_run = int((run_says.right & ~epoch_says.right).sum())
+    assert only_epoch + only_run > 0  # epoch 1 is not the kept epoch 3
+    assert version.tags["gate.discordant"] == f"{only_epoch}/{only_run}"
+    served = mlflow.pyfunc.load_model(f"models:/{NAME}/2")
+    answer = served.predict(pd.DataFrame({"image": [encode(IMAGES[0], "PNG")]}))
+    assert answer["label"][0] in CLASSES
+
+    again = runner.invoke(cli, ["register", "--run-id", run.info.run_id, "--epoch", "1",
+                                "--model-name", NAME])  # fmt: skip
+    assert again.exit_code == 0, again.output
+    assert len(client.search_model_versions(f"name = '{NAME}'")) == 2
+
+    missing = runner.invoke(cli, ["register", "--run-id", run.info.run_id, "--epoch", "9",
+                                  "--model-name", NAME])  # fmt: skip
+    assert missing.exit_code == 1
+    assert missing.output.strip().splitlines() == [
+        f"Error: run {run.info.run_id} has no model of epoch 9: it keeps those of epochs "
+        "1, 2, 3 (--keep-models keeps the best)"
+    ]

@@ -7,6 +7,9 @@ BEST_VAL_METRIC = "val/best_accuracy"
 # one-point charts would come before the `train` and `val` curves; these go last instead.
 TEST_PREFIX = "test_"
 TEST_ACCURACY_METRIC = "test_accuracy"
+# The run's model (a LoggedModel), the kept epoch's; and each epoch's, named and tagged with it.
+MODEL_NAME = "model"
+EPOCH_TAG = "epoch"
 # Why a run failed or was stopped, in a line.
 ERROR_TAG = "error"
 # Where the run keeps its training state on this machine, and who is running it.

@@ -9,11 +9,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import LoggedModel
 from mlflow.exceptions import MlflowException
 
 from ..predictions import FILE as PREDICTIONS_FILE
 from ..predictions import Predictions
-from .keys import CHECKPOINT_ARTIFACT_DIR, CHECKPOINT_TAG, LAUNCH_TAG, PROCESS_TAG
+from .keys import (
+    CHECKPOINT_ARTIFACT_DIR,
+    CHECKPOINT_TAG,
+    EPOCH_TAG,
+    LAUNCH_TAG,
+    MODEL_NAME,
+    PROCESS_TAG,
+)
 from .refusals import NOT_FOUND
 from .store import TrackingError, settings, tracking_uri
 
@@ -83,6 +91,46 @@ def saved_predictions(run_id: str, split: str) -> Predictions | None:
     quiet = settings(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
     with quiet, tempfile.TemporaryDirectory() as tmp:
         saved = Path(client.download_artifacts(run_id, path, tmp))
+        return Predictions.from_bytes(saved.read_bytes())
+
+
+def epoch_models(run_id: str) -> dict[int, tuple[str, float]]:
+    """The run's epoch models, by epoch: each one's model id and validation accuracy."""
+    found = {}
+    for model in logged_models(run_id):
+        epoch = model.tags.get(EPOCH_TAG)
+        accuracy = [m.value for m in model.metrics or [] if m.key == "val/accuracy"]
+        if epoch is not None and accuracy:
+            found[int(epoch)] = (model.model_id, accuracy[-1])
+    return found
+
+
+def logged_models(run_id: str) -> list[LoggedModel]:
+    run = mlflow.get_run(run_id)
+    return mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}'",
+        output_format="list",
+    )
+
+
+def model_of(run_id: str, epoch: int | None = None) -> LoggedModel | None:
+    """The run's own model (the kept epoch's), or epoch `epoch`'s if the run kept it."""
+    for model in logged_models(run_id):
+        if (model.name == MODEL_NAME) if epoch is None else model.tags.get(EPOCH_TAG) == str(epoch):
+            return model
+    return None
+
+
+def model_predictions(model: LoggedModel) -> Predictions | None:
+    """What an epoch's model answered for each validation image, saved beside its weights."""
+    uri = f"{model.artifact_location}/artifacts/{PREDICTIONS_FILE}"
+    quiet = settings(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+    with quiet, tempfile.TemporaryDirectory() as tmp:
+        try:
+            saved = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        except (MlflowException, OSError):
+            return None
         return Predictions.from_bytes(saved.read_bytes())
 
 

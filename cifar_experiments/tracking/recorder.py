@@ -20,21 +20,24 @@ from matplotlib.figure import Figure
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric
+from mlflow.models.model import ModelInfo
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from .. import serving
 from ..callbacks import Tracker
 from ..predictions import FILE as PREDICTIONS_FILE
 from ..predictions import Predictions
-from .keys import CHECKPOINT_TAG
+from .keys import CHECKPOINT_TAG, EPOCH_TAG, MODEL_NAME
+from .past_runs import epoch_models
 from .store import with_retries
 
 if TYPE_CHECKING:
+    from ..callbacks import EpochModel
     from ..data import Dataset, ImageSet
     from ..engine import TrainingState
     from ..evaluation import Evaluation
 
 WEIGHTS_FILE = "cifar_net.pth"
-MODEL_NAME = "model"
 # The validation confusion matrix of each epoch, as an image with a step.
 EPOCH_CONFUSION_KEY = "val_confusion_matrix"
 
@@ -55,6 +58,8 @@ class MlflowTracker(Tracker):
         self._flushed_at = time.monotonic()
         # A resumed run may replay steps it logged before it stopped; each step is kept once.
         self._logged_through = _last_steps(run_id) if resumed else {}
+        # Its epochs' models so far, by epoch: the model's id and its validation accuracy.
+        self.epoch_models = epoch_models(run_id) if resumed and not child else {}
 
     def record_checkpoint(self, path: Path) -> None:
         self.checkpoint = path
@@ -66,10 +71,12 @@ class MlflowTracker(Tracker):
         existing = mlflow.get_run(self.run_id).data.params
         mlflow.log_params({k: v for k, v in params.items() if k not in existing})
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(
+        self, metrics: dict[str, float], step: int, model_id: str | None = None
+    ) -> None:
         timestamp = int(time.time() * 1000)
         self._pending += [
-            Metric(k, float(v), timestamp, step)
+            Metric(k, float(v), timestamp, step, model_id=model_id)
             for k, v in metrics.items()
             if step > self._logged_through.get(k, -1)
         ]
@@ -97,7 +104,9 @@ class MlflowTracker(Tracker):
         with_retries(lambda: mlflow.log_input(meta, context="training"))
 
     def on_epoch_end(self, state: TrainingState, epoch: int, metrics: dict[str, float]) -> None:
-        super().on_epoch_end(state, epoch, metrics)
+        # Linked to the epoch's model, if it has one: the run's Models tab ranks them by these.
+        model = self.epoch_models.get(epoch)
+        self.log_metrics(metrics, step=epoch, model_id=model[0] if model else None)
         if state.last_val is not None and epoch > self._logged_through.get("val/accuracy", -1):
             self.log_confusion(state.last_val, epoch)
 
@@ -136,28 +145,67 @@ class MlflowTracker(Tracker):
         self, weights: dict[str, torch.Tensor], settings: dict[str, Any], example_png: bytes
     ) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            weights_file = Path(tmp) / WEIGHTS_FILE
-            torch.save(weights, weights_file)
             if self.tutorial_copy:
+                weights_file = Path(tmp) / WEIGHTS_FILE
+                torch.save(weights, weights_file)
                 mlflow.log_artifact(str(weights_file))
-            settings_file = Path(tmp) / "classifier.json"
-            settings_file.write_text(json.dumps(settings))
-            package = Path(__file__).parents[1]
-            mlflow.pyfunc.log_model(
-                name=MODEL_NAME,
-                python_model=str(package / "pyfunc_entry.py"),
-                artifacts={
-                    serving.WEIGHTS_ARTIFACT: str(weights_file),
-                    serving.SETTINGS_ARTIFACT: str(settings_file),
-                },
-                code_paths=[str(package)],
-                signature=serving.signature(tuple(settings["classes"])),
-                input_example=serving.example_input(example_png),
-                pip_requirements=serving.pip_requirements(),
-            )
+            _log_servable(MODEL_NAME, weights, settings, example_png)
+
+    def log_epoch_model(self, epoch: int, model: EpochModel, keep: int, kept_epoch: int) -> None:
+        if not self.tutorial_copy or epoch in self.epoch_models:  # a child run; or replayed
+            return
+        info = _log_servable(
+            f"epoch-{epoch}", model.weights, model.settings, model.example_png, step=epoch,
+            tags={EPOCH_TAG: str(epoch)}, files={PREDICTIONS_FILE: model.predictions.to_bytes()},
+        )  # fmt: skip
+        self.epoch_models[epoch] = (info.model_id, model.val_accuracy)
+        best_first = sorted(self.epoch_models, key=lambda e: self.epoch_models[e][1], reverse=True)
+        for dropped in best_first[keep:]:
+            if dropped != kept_epoch:
+                _delete_logged_model(self.epoch_models.pop(dropped)[0])
 
     def set_description(self, markdown: str) -> None:
         mlflow.set_tag("mlflow.note.content", markdown)
+
+
+def _log_servable(
+    name: str, weights: dict[str, torch.Tensor], settings: dict[str, Any], example_png: bytes,
+    step: int = 0, tags: dict[str, str] | None = None, files: dict[str, bytes] | None = None,
+) -> ModelInfo:  # fmt: skip
+    """`weights` as a pyfunc model from code (serving.py), a LoggedModel of the active run;
+    `files` go into its artifacts beside them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        weights_file = Path(tmp) / WEIGHTS_FILE
+        torch.save(weights, weights_file)
+        settings_file = Path(tmp) / "classifier.json"
+        settings_file.write_text(json.dumps(settings))
+        artifacts = {
+            serving.WEIGHTS_ARTIFACT: weights_file,
+            serving.SETTINGS_ARTIFACT: settings_file,
+        }
+        for file_name, content in (files or {}).items():
+            artifacts[file_name] = Path(tmp) / file_name
+            artifacts[file_name].write_bytes(content)
+        package = Path(__file__).parents[1]
+        return mlflow.pyfunc.log_model(
+            name=name,
+            step=step,
+            tags=tags,
+            python_model=str(package / "pyfunc_entry.py"),
+            artifacts={key: str(path) for key, path in artifacts.items()},
+            code_paths=[str(package)],
+            signature=serving.signature(tuple(settings["classes"])),
+            input_example=serving.example_input(example_png),
+            pip_requirements=serving.pip_requirements(),
+        )
+
+
+def _delete_logged_model(model_id: str) -> None:
+    """Its files too: MLflow only marks a model deleted, until `mlflow gc`."""
+    client = mlflow.MlflowClient()
+    location = client.get_logged_model(model_id).artifact_location
+    get_artifact_repository(location).delete_artifacts()
+    client.delete_logged_model(model_id)
 
 
 def _pixels(figure: Figure) -> np.ndarray:
