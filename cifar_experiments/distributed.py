@@ -149,7 +149,8 @@ class World:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         # A network that freezes a parameter after some epochs (airbench's whitening bias)
         # leaves it out of later backward passes.
-        freezes = getattr(type(model), "begin_epoch", None) is not models.CifarNet.begin_epoch
+        network: Any = getattr(model, "_orig_mod", model)  # compiled: the network it compiled
+        freezes = type(network).begin_epoch is not models.CifarNet.begin_epoch
         return nn.parallel.DistributedDataParallel(model, find_unused_parameters=freezes)
 
     def summed(self, tensor: torch.Tensor) -> torch.Tensor:

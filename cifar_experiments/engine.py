@@ -127,14 +127,16 @@ class TrainingState:
     epoch can be replayed.
 
     Under torchrun every rank holds the same state but for `sums` (its own images') and
-    `forward`, which averages the gradients of all; only rank 0 validates and keeps weights.
+    `step_forward`, which averages the gradients of all; only rank 0 validates and keeps
+    weights (through `forward`: the bare network's passes ask nothing of the other ranks).
     """
 
     config: TrainConfig
     runtime: Runtime
     classes: tuple[str, ...]
     model: models.CifarNet  # weights are read and saved through it
-    forward: nn.Module  # `model`, or its compiled twin
+    forward: nn.Module  # `model`, or its compiled twin: what evaluates
+    step_forward: nn.Module  # `forward`, under torchrun wrapped to average the gradients
     normalization: data.Normalization
     batches: data.TrainingSet
     optimizer: torch.optim.SGD
@@ -173,11 +175,11 @@ class TrainingState:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(config.schedule, step, total_steps)
         )
-        forward = world.wrap(model)
+        forward = cast(nn.Module, torch.compile(model)) if config.compile else model
         state = cls(
             config, runtime, classes, model,
             # A compiled Module is a Module (OptimizedModule); the stub says only "callable".
-            forward=cast(nn.Module, torch.compile(forward)) if config.compile else forward,
+            forward=forward, step_forward=world.wrap(forward),
             normalization=normalization, batches=batches, optimizer=optimizer,
             scheduler=scheduler,
             lookahead=Lookahead(model, total_steps) if config.lookahead else None,
@@ -312,14 +314,14 @@ def fit(
     stop_early = False
     while state.epoch <= config.epochs and not stop_early:
         started, first_step = time.perf_counter(), state.step_in_epoch
-        state.forward.train()
+        state.step_forward.train()
         state.model.begin_epoch(state.epoch)
         part = (state.world.rank, state.world.size)
         for images, labels in state.batches.batches(
             config.batch_size, state.generator, first_step, part
         ):
             with runtime.autocast():
-                logits = state.forward(state.normalization(images))
+                logits = state.step_forward(state.normalization(images))
                 loss = loss_fn(logits.float(), labels)
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -26,6 +26,7 @@ from typing import NoReturn, TypeVar
 
 import mlflow
 import numpy as np
+import psutil
 import pytest
 import requests
 import torch
@@ -400,6 +401,25 @@ def assert_every_point_once(client: mlflow.MlflowClient, run_id: str, epochs: in
     assert history["val/accuracy"] == history["train/epoch_loss"] == list(range(1, epochs + 1))
     assert history["train/loss"] == list(range(1, len(history["train/loss"]) + 1))
     assert {key: steps for key, steps in history.items() if len(set(steps)) != len(steps)} == {}
+
+
+def steps_logged(run: mlflow.entities.Run) -> dict[str, list[int]]:
+    """Every metric's steps as the run logged them, but system metrics (machines' samples)."""
+    client = mlflow.MlflowClient()
+    return {
+        key: [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        for key in run.data.metrics
+        if not key.startswith("system/")
+    }
+
+
+def rank_process(launcher_pid: int, rank: int) -> psutil.Process | None:
+    """The process of rank `rank` that a torchrun agent (or `train --nproc-per-node`) runs."""
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            if child.environ().get("RANK") == str(rank):
+                return child
+    return None
 
 
 # A sweep's runs: its parent, and the children tagged with it.

@@ -2,11 +2,13 @@
 
 import subprocess
 
+import pytest
 import torch
 from helpers import ROOT, TORCHRUN_ENV, local_env, torchrun_command, two_steps
 
 from cifar_experiments.distributed import World
 
+pytestmark = pytest.mark.slow  # processes of their own
 SCRIPT = ROOT / "tests" / "distributed" / "two_steps.py"
 
 
