@@ -38,7 +38,6 @@ class EpochModel:
 
     weights: dict[str, torch.Tensor]
     settings: dict[str, Any]
-    example_png: bytes
     predictions: Predictions
     val_accuracy: float
 

@@ -270,7 +270,8 @@ def _record_results(
         tracker.log_evaluation("test", test, dataset.test)
         test_ids = np.arange(len(dataset.test))
         tracker.log_predictions("test", Predictions.of(test, test_ids, dataset.digest))
-    tracker.log_model(*_servable(prepared, state), example_png=_example(prepared))
+    example_png = data.encode_png(prepared.val.images[0])
+    tracker.log_model(*_servable(prepared, state), example_png=example_png)
     tracker.set_description(_description(prepared, fit, test))
     return test
 
@@ -287,11 +288,6 @@ def _servable(
     return weights, serving.settings(prepared.config.model, prepared.dataset.classes, logged)
 
 
-def _example(prepared: Prepared) -> bytes:
-    """The image a logged model shows as its input example."""
-    return data.encode_png(prepared.val.images[0])
-
-
 class EpochModels(engine.Callback):
     """Each epoch's weights as a model of the run (an MLflow LoggedModel at step=epoch), with
     its validation predictions, for the gate; the tracker keeps the `keep_models` best."""
@@ -305,9 +301,7 @@ class EpochModels(engine.Callback):
         prepared, val = self.prepared, state.last_val
         assert val is not None, "rank 0 validates every epoch"
         predictions = Predictions.of(val, prepared.val_ids, prepared.dataset.digest)
-        model = EpochModel(
-            *_servable(prepared, state), _example(prepared), predictions, val.accuracy
-        )
+        model = EpochModel(*_servable(prepared, state), predictions, val.accuracy)
         self.tracker.log_epoch_model(epoch, model, prepared.config.keep_models, state.kept_epoch)
 
 

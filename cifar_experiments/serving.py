@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import importlib.metadata
 import json
 import re
@@ -115,6 +116,7 @@ def example_input(encoded_image: bytes) -> pd.DataFrame:
     return pd.DataFrame({IMAGE_COLUMN: [encoded_image]})
 
 
+@functools.cache  # every epoch's model asks; reading packages' metadata takes milliseconds
 def pip_requirements() -> list[str]:
     """What the served model imports, pinned to the versions it was trained with."""
     names = ["mlflow", "torch", "numpy", "pandas", "pillow", "tqdm"]
