@@ -193,7 +193,7 @@ def _log_servable(
         package = Path(__file__).parents[1]
         example = serving.example_input(example_png) if example_png is not None else None
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "An input example was not provided")
+            warnings.filterwarnings("ignore", ".*An input example was not provided")
             return mlflow.pyfunc.log_model(
                 name=name,
                 step=step,
