@@ -4,6 +4,7 @@ processes together (rank 0 records; the others `follow`)."""
 
 from __future__ import annotations
 
+import logging
 import shlex
 import signal
 import sys
@@ -63,10 +64,12 @@ def train_one(
 
 
 def follow(world: World) -> None:
-    """A rank other than 0: train with rank 0, which says what went wrong, if anything did."""
+    """A rank other than 0: train with rank 0, which speaks for the training (progress, stops)
+    and says what went wrong, if anything did."""
     from . import experiment, interrupts
     from .processes import one_line
 
+    logging.getLogger("cifar_experiments").setLevel(logging.ERROR)
     with interrupts.StopRequests(world.agree_on_stop).installed() as stop:
         try:
             experiment.follow(world, stop)

@@ -29,6 +29,8 @@ def launch(processes: int, arguments: list[str]) -> int:
     """`torchrun --standalone --nproc-per-node PROCESSES -m cifar_experiments ARGUMENTS`, in
     this process; answers the exit status. The ranks say what went wrong, so torchrun's own
     report of it is left out."""
+    # torchrun's loggers take their level from LOGLEVEL as they are made, on import.
+    os.environ.setdefault("LOGLEVEL", "ERROR")
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run

@@ -79,11 +79,11 @@ class StopRequests:
         if self._deferring and self.pending in (None, signal.SIGINT) and not again:
             if self.pending is None:
                 self.pending = signum
+                at_once = "" if self._shared_by else " (send it again to stop at once)"
                 log.warning(
-                    "%s received: stopping after this step and saving a checkpoint "
-                    "(send it again to stop at once)",
-                    signal.Signals(signum).name,
-                )
+                    "%s received: stopping after this step and saving a checkpoint%s",
+                    signal.Signals(signum).name, at_once,
+                )  # fmt: skip
             return
         raise Interrupted(self.pending or signum)
 
