@@ -3,12 +3,13 @@
     python benchmarks/torchrun.py /tmp/cifar10-holdout [--epochs 3]
 
 In a fresh SQLite store, the tutorial Net for `--epochs` epochs: (1) one process with the
-machine's cores, then `torchrun --standalone --nproc-per-node 2` (a thread per process): wall
-time, seconds per epoch, test accuracy, and what the run of the two processes holds (one
-run, its status, world_size, steps logged twice, its epoch models with their validation
-accuracy); (2) `register --run-id RUN --epoch 1` of that run; (3) the same two-process
-training under `--max-restarts 1`, its rank 1 killed with SIGKILL early in epoch 2: the runs
-it leaves. Prints what it measured. Not part of the test suite (minutes, real data).
+machine's cores, then `torchrun --standalone --nproc-per-node 2 -m cifar_experiments train`
+(a thread per process): wall time, seconds per epoch, test accuracy, and what the run of the
+two processes holds (one run, its status, world_size, steps logged twice, its epoch models
+with their validation accuracy); (2) `register --run-id RUN --epoch 1` of that run; (3) the
+same two-process training under `--max-restarts 1`, its rank 1 killed with SIGKILL early in
+epoch 2: the runs it leaves. Prints what it measured. Not part of the test suite (minutes,
+real data).
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ def main() -> None:
         return run
 
     one = timed("one-process", cli_command(*train, "--run-name", "one-process"))
-    two_processes = ("--run-name", "two-processes", "--nproc-per-node", "2")
-    two = timed("two-processes", cli_command(*train, *two_processes))
+    two = timed("two-processes", torchrun_command("-m", "cifar_experiments", *train,
+                                                  "--run-name", "two-processes"))  # fmt: skip
     print(f"  test accuracy, two processes against one: "
           f"{100 * (two.data.metrics['test_accuracy'] - one.data.metrics['test_accuracy']):+.2f} "
           "points")  # fmt: skip
@@ -109,6 +110,7 @@ def describe(found: mlflow.entities.Run | list[mlflow.entities.Run]) -> None:
         )
         print(
             f"  run {run.info.run_name} ({len(runs)} run(s) of that name): {run.info.status}, "
+            f"test accuracy {run.data.metrics.get('test_accuracy', float('nan')):.2%}, "
             f"world_size {run.data.params.get('world_size')}, validation points at epochs "
             f"{sorted(steps['val/accuracy'])}, metrics with a step twice: {twice or 'none'}; "
             "epoch models (epoch, validation accuracy): "
