@@ -123,6 +123,7 @@ def train(project_run: str | None, resume: str | None, nproc_per_node: int, **op
     if nproc_per_node > 1 and world.launch is None:
         from .distributed import launch
 
+        cli_training.check_shared_batch(resume, options, project_run, nproc_per_node)
         mlflow_project.hand_on(project_run)  # for rank 0 to train in
         sys.exit(launch(nproc_per_node, sys.argv[1:]))
     world.join(options["device"])

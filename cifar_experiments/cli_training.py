@@ -88,7 +88,6 @@ def prepare(
     from . import experiment
     from .cli_messages import resume_command
     from .distributed import WorldError
-    from .engine import Runtime
     from .tracking.store import TrackingError
 
     resumption = None
@@ -106,17 +105,38 @@ def prepare(
                     return None
                 config, resumption = planned
             else:
-                # A recipe may differ by device (CUDA_RECIPES), so "auto" is settled first.
-                device = Runtime.resolve(options["device"]).device.type
-                experiment_name = experiment_chosen(options["experiment_name"], project_run)
-                config = TrainConfig(
-                    **{**options, "device": device, "experiment_name": experiment_name}
-                )
+                config = _new_config(options, project_run)
             return experiment.prepare(config, resumption, world=world)
     except (experiment.ResumeError, TrackingError, WorldError) as error:
         if resume is None:
             raise click.ClickException(str(error)) from None
         raise click.BadParameter(str(error), param_hint="'--resume'") from None
+
+
+def _new_config(options: dict[str, Any], project_run: str | None) -> TrainConfig:
+    from .engine import Runtime
+
+    # A recipe may differ by device (CUDA_RECIPES), so "auto" is settled first.
+    device = Runtime.resolve(options["device"]).device.type
+    experiment_name = experiment_chosen(options["experiment_name"], project_run)
+    return TrainConfig(**{**options, "device": device, "experiment_name": experiment_name})
+
+
+def check_shared_batch(
+    resume: str | None, options: dict[str, Any], project_run: str | None, processes: int
+) -> None:
+    """Refuse a new training's batch that `processes` cannot share equally before any of them
+    starts (rank 0 checks every training again, a resumed run's too)."""
+    from .distributed import World, WorldError
+
+    if resume is not None:
+        return
+    with refusals_as_option_errors():
+        config = _new_config(options, project_run)
+    try:
+        World(size=processes).check_batch(config.batch_size)
+    except WorldError as error:
+        raise click.ClickException(str(error)) from None
 
 
 def experiment_chosen(asked: str, project_run: str | None) -> str:
