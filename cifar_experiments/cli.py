@@ -127,17 +127,18 @@ def train(project_run: str | None, resume: str | None, nproc_per_node: int, **op
         mlflow_project.hand_on(project_run)  # for rank 0 to train in
         sys.exit(launch(nproc_per_node, sys.argv[1:]))
     world.join(options["device"])
+    trained = False
     try:
         if not world.main:
-            cli_training.follow(world)
+            trained = cli_training.follow(world)
             return
         if world.restart and resume is None:  # torchrun restarted the group: go on with its run
             from .tracking.past_runs import launched_as
 
             resume = project_run or launched_as(world.launch or "")
-        cli_training.train_one(resume, options, project_run, world)
+        trained = cli_training.train_one(resume, options, project_run, world)
     finally:
-        world.leave()
+        world.leave(together=trained)
 
 
 def _train_repeats(

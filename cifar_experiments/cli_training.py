@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 
 def train_one(
     resume: str | None, options: dict[str, Any], project_run: str | None, world: World
-) -> None:
-    """One training, recorded in one MLflow run: the command's work on its first process."""
+) -> bool:
+    """One training, recorded in one MLflow run: the command's work on its first process.
+    Answers whether the other processes, if any, trained with it."""
     from . import cli_messages as say
     from . import experiment, interrupts, registry
     from .callbacks import TrainingDiverged
@@ -37,7 +38,7 @@ def train_one(
         try:
             prepared = prepare(resume, options, project_run, world)
             if prepared is None:
-                return
+                return False
             summary = experiment.train(prepared, stop, project_run=project_run, handoff=handoff)
         # A disk that filled up during training, or a loss that became NaN.
         except (CheckpointError, TrainingDiverged) as error:
@@ -52,7 +53,7 @@ def train_one(
             raise click.ClickException(say.server_lost(lost, project_run)) from None
         except registry.RegistrationFailed as failure:
             say.registration_failed(failure, project_run, say.echo_summary)
-            return
+            return handoff.handed
         except RuntimeError as error:
             if not lost_a_rank(error):
                 raise
@@ -61,18 +62,19 @@ def train_one(
                 "marked FAILED and resumes from its last checkpoint"
             ) from None
     say.echo_summary(summary)
+    return handoff.handed
 
 
-def follow(world: World) -> None:
+def follow(world: World) -> bool:
     """A rank other than 0: train with rank 0, which speaks for the training (progress, stops)
-    and says what went wrong, if anything did."""
+    and says what went wrong, if anything did. Answers whether rank 0 started a training."""
     from . import experiment, interrupts
     from .processes import one_line
 
     logging.getLogger("cifar_experiments").setLevel(logging.ERROR)
     with interrupts.StopRequests(world.agree_on_stop).installed() as stop:
         try:
-            experiment.follow(world, stop)
+            return experiment.follow(world, stop)
         except interrupts.Interrupted as interruption:
             sys.exit(interruption.exit_code)
         except Exception as error:  # rank 0 gone, most often: torchrun stops the group

@@ -135,8 +135,13 @@ class World:
         )  # fmt: skip
         return dist.PrefixStore(f"cifar-experiments/attempt-{self.restart}", store)
 
-    def leave(self) -> None:
+    def leave(self, together: bool = False) -> None:
+        """Leave the process group; `together`, once every rank is done (a training all ranks
+        finished): one that tears its connections down while rank 0 still records can abort
+        at exit ("terminate called without an active exception")."""
         if dist.is_initialized():
+            if together:
+                dist.barrier()
             dist.destroy_process_group()
 
     def shard(self, rows: torch.Tensor) -> torch.Tensor:
@@ -198,11 +203,11 @@ class Handoff:
     nothing, which sends them home, if rank 0 leaves this block without having sent it."""
 
     def __init__(self, world: World) -> None:
-        self.world, self.sent = world, False
+        self.world, self.sent, self.handed = world, False, False
 
     def send(self, value: dict[str, Any] | None) -> None:
         if not self.sent:
-            self.sent = True
+            self.sent, self.handed = True, value is not None
             self.world.share(value)
 
     def __enter__(self) -> Handoff:

@@ -372,12 +372,13 @@ def train(
     return replace(summary, registration=registration)
 
 
-def follow(world: World, stop: StopRequests) -> None:
+def follow(world: World, stop: StopRequests) -> bool:
     """A rank other than 0 under torchrun: train with rank 0, from what it hands on, and
-    record nothing but this machine's system metrics (by its first rank)."""
+    record nothing but this machine's system metrics (by its first rank). Answers whether
+    rank 0 started a training at all."""
     start = world.share(None)
     if start is None:
-        return  # rank 0 did not start: it says why
+        return False  # rank 0 did not start: it says why
     config = TrainConfig(**start["config"])
     dataset = data.load_dataset(config.data)
     if dataset.digest != start["data_digest"]:
@@ -394,6 +395,7 @@ def follow(world: World, stop: StopRequests) -> None:
     node = world.node_id if world.local_rank == 0 else None
     with lifecycle.node_system_metrics(start["run_id"], node), stop.deferred():
         engine.fit(state, val, callbacks)
+    return True
 
 
 def _description(prepared: Prepared, fit: engine.FitResult, test: Evaluation | None) -> str:

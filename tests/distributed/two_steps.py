@@ -16,4 +16,4 @@ world.join("cpu")
 weights = two_steps(world)
 if world.main:
     torch.save(weights, sys.argv[1])
-world.leave()
+world.leave(together=True)
