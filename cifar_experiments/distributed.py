@@ -3,8 +3,9 @@ hands to the others. A process started without torchrun is a world of one, and n
 costs it anything.
 
 Every rank draws the same permutation and the same augmentations from the same generator,
-and takes every `size`-th image of each global batch (`shard`): the batches do not depend on
-the number of processes, so a run may resume with another number of them.
+and takes every `size`-th image of each global batch (`data.TrainingSet.batches`' `part`): the
+batches do not depend on the number of processes, so a run may resume with another number of
+them.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ import torch.distributed as dist
 from torch import nn
 
 from . import models, processes
-
-log = logging.getLogger(__name__)
 
 
 def launch(processes: int, arguments: list[str]) -> int:
@@ -143,10 +142,6 @@ class World:
             if together:
                 dist.barrier()
             dist.destroy_process_group()
-
-    def shard(self, rows: torch.Tensor) -> torch.Tensor:
-        """This rank's share of a global batch's rows."""
-        return rows[self.rank :: self.size] if self.distributed else rows
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """`model` with its gradients averaged over the ranks after each backward pass."""
